@@ -1,0 +1,222 @@
+"""The `blt` command line (also `python -m blt_jax`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from blt_jax.config import PRESETS, ConfigError, RunConfig, apply_overrides, get_preset
+
+
+def _run_config(args) -> RunConfig:
+    cfg = get_preset(args.preset)
+    overrides = list(args.set or [])
+    if getattr(args, "store", None):
+        overrides.append(f"data.path={json.dumps(args.store)}")
+    return apply_overrides(cfg, overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quickstart", choices=sorted(PRESETS), help="named configuration")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.global_model.n_layers=4 (repeatable)")
+
+
+def cmd_prepare(args) -> int:
+    from blt_jax import prepare  # noqa: PLC0415
+
+    cfg = _run_config(args)
+    root = cfg.data.path
+    if not args.entropy_run or args.data or not _has_tokens(root):
+        t = time.time()
+        m = prepare.prepare_corpus(root, args.data, args.heldout_fraction, args.max_train_bytes)
+        print(f"prepared {root}: train {m['train']['num_docs']} docs / {m['train']['num_tokens']:,} tokens, "
+              f"heldout {m['heldout']['num_docs']} docs / {m['heldout']['num_tokens']:,} tokens "
+              f"({time.time() - t:.1f}s)")
+    if args.entropy_run:
+        t = time.time()
+        prepare.add_entropies(root, args.entropy_run, progress=not args.no_progress)
+        print(f"entropies written ({time.time() - t:.1f}s)")
+        thr, achieved = prepare.calibrate(root, cfg.model.patching, cfg.data.seq_len)
+        print(f"calibrated threshold {thr:.4f} nats -> mean patch length {achieved:.2f} bytes on held-out")
+    return 0
+
+
+def _has_tokens(root: str) -> bool:
+    from blt_jax.data import store  # noqa: PLC0415
+
+    try:
+        store.read_manifest(root)
+        return True
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+
+
+def cmd_calibrate(args) -> int:
+    from blt_jax import prepare  # noqa: PLC0415
+
+    cfg = _run_config(args)
+    thr, achieved = prepare.calibrate(cfg.data.path, cfg.model.patching, cfg.data.seq_len, args.target)
+    print(json.dumps({"threshold": thr, "mean_patch_length": achieved}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from blt_jax.train.loop import train  # noqa: PLC0415
+
+    from blt_jax.model import param_counts  # noqa: PLC0415
+
+    cfg = _run_config(args)
+    counts = param_counts(cfg.model.entropy_model if args.what == "entropy" else cfg.model)
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()), flush=True)
+    summary = train(args.what, cfg, args.run, entropy_run=args.entropy_run, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from blt_jax.evaluate import heldout_bpb, unigram_bpb  # noqa: PLC0415
+    from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
+
+    result = heldout_bpb(args.checkpoint, args.store, args.split, args.batches)
+    data_root = args.store or load_run_config(args.checkpoint)[1].data.path
+    result["unigram_bits_per_byte"] = unigram_bpb(data_root, args.split)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompts or [])
+    if args.file:
+        text = Path(args.file).read_text(encoding="utf-8")
+        prompts += [line for line in text.split("\n") if line] if args.one_per_line else [text]
+    if args.stdin or (not prompts and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+        prompts += [line for line in text.split("\n") if line] if args.one_per_line else [text]
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from blt_jax.generation import api  # noqa: PLC0415
+
+    prompts = _read_prompts(args)
+    model = api.load(args.checkpoint)
+    sampling = api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    results = api.generate(model, prompts, max_new_bytes=args.max_new_bytes, method=args.method,
+                           sampling=sampling, seed=args.seed, stop_at_eos=not args.no_eos_stop)
+    for r in results:
+        if args.json:
+            print(json.dumps(r.to_json()))
+        else:
+            print(r.prompt + r.text)
+            print("-" * 40)
+    return 0
+
+
+def cmd_params(args) -> int:
+    from blt_jax import flops  # noqa: PLC0415
+    from blt_jax.model import param_counts  # noqa: PLC0415
+
+    cfg = _run_config(args)
+    counts = param_counts(cfg.model)
+    for name, n in counts.items():
+        print(f"{name:>16}: {n:>16,d}  ({n / 1e6:,.2f}M)")
+    per_byte = flops.blt_forward_flops_per_byte(cfg.model, cfg.data.seq_len, cfg.model.patching.target_patch_length)
+    print(f"forward FLOPs/byte at {cfg.data.seq_len}-byte windows, patches of "
+          f"{cfg.model.patching.target_patch_length}: " + ", ".join(f"{k} {v:.3g}" for k, v in per_byte.items()))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from blt_jax.quickstart import run_quickstart  # noqa: PLC0415
+
+    cfg = _run_config(args)
+    run_quickstart(cfg, Path(args.out), data=args.data, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer in JAX: train, evaluate, generate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="prepare the embedded corpus, train the entropy model, calibrate "
+                                          "patching, train a small BLT, evaluate and generate")
+    _add_config_args(q)
+    q.add_argument("--out", default="runs/quickstart", help="folder for the data store and both runs")
+    q.add_argument("--data", nargs="+", help="your own text files/folders instead of the embedded corpus")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(fn=cmd_quickstart)
+
+    pr = sub.add_parser("prepare", help="tokenise a corpus into a tensorstore data store; with --entropy-run, "
+                                        "precompute entropies and calibrate the patching threshold")
+    _add_config_args(pr)
+    pr.add_argument("--data", nargs="+", help="text files/folders to prepare (default: the embedded corpus)")
+    pr.add_argument("--store", help="data store root, a local folder or tensorstore URL (sets data.path)")
+    pr.add_argument("--heldout-fraction", type=float, default=0.02)
+    pr.add_argument("--max-train-bytes", type=int, default=None)
+    pr.add_argument("--entropy-run", help="a trained entropy-model run directory")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(fn=cmd_prepare)
+
+    c = sub.add_parser("calibrate", help="calibrate the entropy threshold to a target mean patch length")
+    _add_config_args(c)
+    c.add_argument("--store", help="data store root (sets data.path)")
+    c.add_argument("--target", type=float, default=None, help="bytes per patch (default: the config's)")
+    c.set_defaults(fn=cmd_calibrate)
+
+    t = sub.add_parser("train", help="train (or resume) the entropy model or a BLT")
+    _add_config_args(t)
+    t.add_argument("--what", choices=("blt", "entropy"), default="blt")
+    t.add_argument("--run", required=True, help="run directory (resumes automatically if it holds checkpoints)")
+    t.add_argument("--store", help="data store root, made by `blt prepare` (sets data.path)")
+    t.add_argument("--entropy-run", help="entropy-model run (default: the one recorded in the data store)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="held-out bits per byte of a run (and a unigram baseline)")
+    e.add_argument("--checkpoint", required=True, help="run directory")
+    e.add_argument("--store", help="data store root (default: the run's)")
+    e.add_argument("--split", default="heldout", choices=("heldout", "train"))
+    e.add_argument("--batches", type=int, default=None)
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a BLT run")
+    g.add_argument("--checkpoint", required=True, help="BLT run directory")
+    g.add_argument("prompts", nargs="*", help="prompt strings")
+    g.add_argument("--file", help="read prompts from a file")
+    g.add_argument("--stdin", action="store_true", help="read prompts from standard input")
+    g.add_argument("--one-per-line", action="store_true", help="each line of --file/--stdin is a prompt")
+    g.add_argument("--max-new-bytes", type=int, default=128)
+    g.add_argument("--method", default="ar-nocache", choices=("ar-nocache",))
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-eos-stop", action="store_true", help="always generate max-new-bytes bytes")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    pa = sub.add_parser("params", help="parameter counts per component and FLOPs per byte of a preset")
+    _add_config_args(pa)
+    pa.set_defaults(fn=cmd_params)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("BLT_DEBUG"):
+            raise
+        print(f"blt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

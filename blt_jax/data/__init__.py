@@ -1,0 +1,1 @@
+"""Data layer: corpus selection (`corpus`), the tensorstore data store (`store`), grain pipeline (`pipeline`)."""

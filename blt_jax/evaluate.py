@@ -1,0 +1,42 @@
+"""Held-out evaluation: bits per byte of a trained run, and a unigram baseline for scale."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from blt_jax import model as model_lib
+from blt_jax.data import pipeline, store
+from blt_jax.train import checkpoint as ckpt
+from blt_jax.train.loop import evaluate, load_trained_params, resolve_task
+from blt_jax.train.step import make_optimizer, make_step_fns
+
+
+def heldout_bpb(run_dir: str | Path, data_root: Optional[str] = None, split: str = "heldout",
+                num_batches: Optional[int] = None, step: Optional[int] = None) -> dict:
+    """Bits per byte of a run's checkpoint on a split of a data store (its own store by default)."""
+    kind, cfg, _ = ckpt.load_run_config(run_dir)
+    if data_root is not None:
+        import dataclasses  # noqa: PLC0415
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_root))
+    task = resolve_task(kind, cfg)
+    params = load_trained_params(run_dir, step=step)
+    graphdef, _ = model_lib.abstract_state(task.model_cfg)
+    fns = make_step_fns(kind, graphdef, make_optimizer(task.train_cfg), task.train_cfg,
+                        eval_max_patches=task.eval_max_patches)
+    batches = pipeline.make_eval_batches(cfg.data, split, task.eval_transform, task.fields,
+                                         num_batches=num_batches or task.train_cfg.eval_batches)
+    return {"kind": kind, "split": split, **evaluate(fns, params, batches)}
+
+
+def unigram_bpb(data_root: str, split: str = "heldout") -> float:
+    """Cross entropy (bits per byte) of a byte-frequency model fit on the train split (add-one smoothed),
+    measured on the next-token targets of `split`: the floor any byte LM should beat."""
+    train = np.asarray(store.open_array(data_root, "train", "tokens").read().result()).astype(np.int64)
+    test = np.asarray(store.open_array(data_root, split, "tokens").read().result()).astype(np.int64)[1:]
+    counts = np.bincount(train[1:], minlength=260).astype(np.float64) + 1.0
+    logp = np.log2(counts / counts.sum())
+    return float(-logp[test].mean()) if test.size else math.nan

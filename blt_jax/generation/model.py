@@ -1,0 +1,83 @@
+"""A trained BLT ready for generation: its config, graphdefs and parameters (BLT + entropy model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from blt_jax import model as model_lib
+from blt_jax.config import BLTConfig, ConfigError
+from blt_jax.model.entropy_model import entropies
+from blt_jax.patching import start_flags
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The static (hashable) half of a loaded model: passed as a static argument to jitted samplers."""
+
+    cfg: BLTConfig
+    graphdef: nnx.GraphDef
+    entropy_graphdef: Optional[nnx.GraphDef]
+    threshold: Optional[float]
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    params: Any
+    entropy_params: Any  # None unless entropy patching
+
+    @property
+    def cfg(self) -> BLTConfig:
+        return self.spec.cfg
+
+    def pytrees(self) -> dict:
+        """The explicit state every jitted sampler takes."""
+        return {"blt": self.params, "entropy": self.entropy_params}
+
+
+def from_params(cfg: BLTConfig, params: Any, entropy_params: Any = None) -> LoadedModel:
+    graphdef, _ = model_lib.abstract_state(cfg)
+    egd = model_lib.abstract_state(cfg.entropy_model)[0] if cfg.patching.mode == "entropy" else None
+    if cfg.patching.mode == "entropy" and (entropy_params is None or cfg.patching.threshold is None):
+        raise ConfigError("model.patching: entropy patching needs the entropy model's parameters and a threshold")
+    return LoadedModel(ModelSpec(cfg, graphdef, egd, cfg.patching.threshold), params, entropy_params)
+
+
+def load_run(run_dir: str | Path, step: Optional[int] = None) -> LoadedModel:
+    """A trained BLT run directory (or a converted checkpoint) -> LoadedModel."""
+    from blt_jax.train import checkpoint as ckpt  # noqa: PLC0415
+    from blt_jax.train.loop import load_trained_params  # noqa: PLC0415
+
+    kind, cfg, _ = ckpt.load_run_config(run_dir)
+    if kind != "blt":
+        raise ConfigError(f"{run_dir}: holds a {kind!r} run; generation needs a BLT run")
+    params = load_trained_params(run_dir, expect_kind="blt", step=step)
+    entropy_params = None
+    if cfg.model.patching.mode == "entropy":
+        abstract = model_lib.abstract_state(cfg.model.entropy_model)[1]
+        entropy_params = ckpt.load_params(Path(run_dir) / "entropy_model", abstract)
+    return from_params(cfg.model, params, entropy_params)
+
+
+def compute_patch_starts(spec: ModelSpec, pytrees: dict, tokens: jax.Array) -> jax.Array:
+    """Patch starts (B, S + 1) of `tokens` (B, S) as the model patches them (entropy model run in-forward)."""
+    entropy = None
+    if spec.cfg.patching.mode == "entropy":
+        em = nnx.merge(spec.entropy_graphdef, pytrees["entropy"])
+        entropy = entropies(em(tokens, document_masking=spec.cfg.document_masking)[0])
+    return start_flags(spec.cfg.patching, tokens, entropy, spec.threshold)
+
+
+def forward(spec: ModelSpec, pytrees: dict, tokens: jax.Array, max_patches: Optional[int] = None):
+    """Full forward with in-forward patching: logits (B, S, V), PatchIds. `max_patches` defaults to
+    S + 1, enough for any sequence, so no byte is ever dropped."""
+    S = tokens.shape[1]
+    starts = compute_patch_starts(spec, pytrees, tokens)
+    blt = nnx.merge(spec.graphdef, pytrees["blt"])
+    return blt(tokens, starts, max_patches=S + 1 if max_patches is None else max_patches)

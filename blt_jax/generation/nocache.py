@@ -1,0 +1,48 @@
+"""No-cache autoregressive generation: every byte re-runs the entropy model and the whole BLT over the
+whole buffer, as the reference code and transformers do. The correctness oracle for the cached samplers
+and the speed baseline users had. One `lax.while_loop`, compiled once per (batch, length) bucket."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from blt_jax.generation.model import ModelSpec, forward
+from blt_jax.generation.sampling import SamplingConfig, choose, row_keys
+from blt_jax.tokenizer import EOS_ID
+
+
+class GenState(NamedTuple):
+    tokens: jax.Array  # (B, S)
+    lengths: jax.Array  # (B,)
+    done: jax.Array  # (B,)
+    step: jax.Array
+    forward_calls: jax.Array  # (B,) full-model passes spent on each row
+
+
+@partial(jax.jit, static_argnames=("spec", "sampling", "stop_at_eos"))
+def generate_nocache(spec: ModelSpec, sampling: SamplingConfig, pytrees: dict, tokens: jax.Array,
+                     lengths: jax.Array, max_new: jax.Array, rngs: jax.Array, stop_at_eos: bool = True) -> GenState:
+    """tokens (B, S) right-padded prompts; lengths (B,); max_new (B,) bytes to add; rngs (B, 2)."""
+    B, S = tokens.shape
+    start = lengths
+
+    def body(st: GenState) -> GenState:
+        logits, _ = forward(spec, pytrees, st.tokens)
+        last = jnp.take_along_axis(logits, (st.lengths - 1)[:, None, None], axis=1)[:, 0]
+        nxt = choose(last, row_keys(rngs, st.step), sampling)
+        active = ~st.done
+        write = jnp.where(active, nxt, st.tokens[jnp.arange(B), jnp.minimum(st.lengths, S - 1)])
+        toks = st.tokens.at[jnp.arange(B), jnp.minimum(st.lengths, S - 1)].set(write)
+        new_len = st.lengths + active
+        done = st.done | (new_len - start >= max_new) | (new_len >= S)
+        if stop_at_eos:
+            done = done | (active & (nxt == EOS_ID))
+        return GenState(toks, new_len, done, st.step + 1, st.forward_calls + active)
+
+    init = GenState(tokens, lengths, (max_new <= 0) | (lengths >= S), jnp.zeros((), jnp.int32),
+                    jnp.zeros((B,), jnp.int32))
+    return jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, init)

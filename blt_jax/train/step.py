@@ -1,0 +1,79 @@
+"""Train state, optimiser and the jitted train / eval steps: pure functions of explicit pytrees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from blt_jax.config import TrainConfig
+from blt_jax.model.layers import cast_floating
+from blt_jax.objectives import LN2, LOSSES
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of the trained model
+    opt_state: Any
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to the peak, cosine decay to `min_lr_ratio * peak` at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (weight decay on matrices and embedding tables, not on norm scales) + global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+@dataclass(frozen=True)
+class StepFns:
+    """The jitted entry points of one training task."""
+
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, dict], dict]
+
+
+def make_step_fns(kind: str, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig,
+                  eval_max_patches: Optional[int] = None) -> StepFns:
+    """`eval_max_patches`: patch slots for evaluation (enough for every byte, so held-out bytes are never
+    dropped by truncation)."""
+    loss_impl = LOSSES[kind]
+    dtype = jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32
+
+    def loss_fn(params, batch, remat, max_patches=None):
+        model = nnx.merge(graphdef, cast_floating(params, dtype) if dtype != jnp.float32 else params)
+        nll, stats = loss_impl(model, batch, remat, dtype, max_patches)
+        return nll / jnp.maximum(stats["bytes"], 1.0), stats
+
+    def train_step(state: TrainState, batch: dict):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tc.remat)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(stats, loss=loss, bits_per_byte=loss / LN2, grad_norm=optax.global_norm(grads),
+                       learning_rate=learning_rate_schedule(tc)(state.step))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_step(params, batch):
+        _, stats = loss_fn(params, batch, False, eval_max_patches)
+        return stats
+
+    return StepFns(train_step=jax.jit(train_step, donate_argnums=0), eval_step=jax.jit(eval_step))

@@ -1,0 +1,34 @@
+"""Shared fixtures: a small real corpus (two stdlib packages) prepared into a store, and a trained tiny
+entropy model + BLT on it, built once per test session."""
+
+import dataclasses
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from blt_jax import prepare
+from blt_jax.config import apply_overrides, get_preset
+from blt_jax.train.loop import train
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def tiny_config(root: str, *overrides: str):
+    return apply_overrides(get_preset("tiny"), [f"data.path={root}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """(cfg, data root, entropy run, BLT run): both trained by the real trainer on real text."""
+    base = tmp_path_factory.mktemp("tiny")
+    root = str(base / "data")
+    prepare.prepare_corpus(root, [str(STDLIB / "json"), str(STDLIB / "email")])
+    cfg = tiny_config(root, "data.batch_size=16", "train.steps=100", "entropy_train.steps=100",
+                      "train.warmup_steps=5", "entropy_train.warmup_steps=5", "train.log_every=1",
+                      "entropy_train.log_every=1", "train.checkpoint_every=50")
+    train("entropy", cfg, base / "entropy", progress=False)
+    prepare.add_entropies(root, base / "entropy", progress=False)
+    prepare.calibrate(root, cfg.model.patching, cfg.data.seq_len)
+    train("blt", cfg, base / "blt", progress=False)
+    return cfg, root, base / "entropy", base / "blt"

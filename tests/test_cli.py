@@ -1,0 +1,62 @@
+"""The `blt` command line: real subcommands on a real (tiny) trained run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blt_jax.cli import main
+from blt_jax.data import store
+from blt_jax.evaluate import heldout_bpb
+from blt_jax.generation import api
+
+
+def test_params_prints_paper_counts(capsys):
+    assert main(["params", "--preset", "fast-blt-1b"]) == 0
+    out = capsys.readouterr().out
+    assert "1,284,608,000" in out and "19,406,848" in out and "157,852,672" in out
+
+
+def test_bad_override_exits_2_naming_the_field(capsys, tmp_path):
+    rc = main(["train", "--preset", "tiny", "--run", str(tmp_path / "r"), "--set", "model.encoder.n_heads=3"])
+    assert rc == 2
+    assert "model.encoder.n_heads" in capsys.readouterr().err
+
+
+def test_eval_reports_bpb_and_unigram_baseline(tiny_runs, capsys):
+    _, root, _, blt_run = tiny_runs
+    assert main(["eval", "--checkpoint", str(blt_run), "--batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits_per_byte"] == pytest.approx(heldout_bpb(blt_run, num_batches=2)["bits_per_byte"])
+    train = store.open_array(root, "train", "tokens").read().result()
+    held = store.open_array(root, "heldout", "tokens").read().result()[1:]
+    p = (np.bincount(train[1:], minlength=260) + 1.0) / (len(train) - 1 + 260)
+    assert result["unigram_bits_per_byte"] == pytest.approx(-np.log2(p[held]).mean(), rel=1e-9)
+    assert 0 < result["bits_per_byte"] < result["unigram_bits_per_byte"]
+
+
+def test_generate_json_matches_the_api(tiny_runs, capsys):
+    run = str(tiny_runs[3])
+    assert main(["generate", "--checkpoint", run, "--max-new-bytes", "8", "--json", "def f(", "import"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    expected = api.generate(api.load(run), ["def f(", "import"], max_new_bytes=8)
+    assert [line["text"] for line in lines] == [r.text for r in expected]
+    assert all(line["cost"]["method"] == "ar-nocache" for line in lines)
+
+
+def test_generate_rejects_an_empty_prompt(tiny_runs, capsys):
+    assert main(["generate", "--checkpoint", str(tiny_runs[3]), ""]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_entropy_run(tiny_runs, capsys):
+    assert main(["generate", "--checkpoint", str(tiny_runs[2]), "abc"]) == 2
+    assert "entropy" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "blt_jax", "--help"], capture_output=True, text=True, check=True)
+    for sub in ("quickstart", "prepare", "train", "eval", "generate", "params"):
+        assert sub in out.stdout

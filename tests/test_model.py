@@ -1,0 +1,237 @@
+"""Model numerics: attention paths agree, the model is causal, cached pieces equal the full forward,
+and the paper-size presets have the paper's parameter counts."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from blt_jax import model as model_lib
+from blt_jax.config import BLTConfig, PatchingConfig, get_preset
+from blt_jax.generation.model import compute_patch_starts, forward, from_params
+from blt_jax.model.layers import LocalMask, attention, causal_mask, init_caches
+from blt_jax.patching import patch_ids
+from blt_jax.tokenizer import BOS_ID
+
+
+def tiny_cfg(**patching) -> BLTConfig:
+    cfg = get_preset("tiny").model
+    return dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, threshold=4.5, **patching))
+
+
+def random_tokens(B, S, seed=0):
+    t = np.random.default_rng(seed).integers(4, 260, (B, S))
+    t[:, 0] = BOS_ID
+    return jnp.asarray(t)
+
+
+def loaded(cfg, seed=0):
+    _, params = model_lib.build(cfg, seed)
+    _, eparams = model_lib.build(cfg.entropy_model, seed + 1)
+    # sharpen the random entropy model so patches get mixed lengths (as the HF test model does)
+    eparams["lm_head"]["kernel"].set_value(eparams["lm_head"]["kernel"][...] * 8.0)
+    return from_params(cfg, params, eparams)
+
+
+# ---- attention ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_block_local_attention_equals_dense(kv_heads, with_segments):
+    B, S, H, D, W = 2, 64, 4, 8, 16
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (B, S, H, D))
+    k = jax.random.normal(keys[1], (B, S, kv_heads, D))
+    v = jax.random.normal(keys[2], (B, S, kv_heads, D))
+    seg = jnp.asarray(np.cumsum(np.random.default_rng(1).random((B, S)) < 0.05, axis=1)) if with_segments else None
+    pos = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
+    dense = attention(q, k, v, causal_mask(pos, pos, W, seg, seg))
+    local = attention(q, k, v, LocalMask(seg, W))
+    chex.assert_trees_all_close(local, dense, atol=1e-5)
+
+
+# ---- pooling --------------------------------------------------------------------------------------------------
+
+def test_gathered_pooling_equals_dense_pooling():
+    """With max_patch_length set, patches gather their own bytes; the result equals the dense mask path."""
+    cfg = tiny_cfg(max_patch_length=4)
+    model = nnx.merge(*model_lib.build(cfg))
+    dense_model = nnx.merge(*model_lib.build(dataclasses.replace(
+        cfg, patching=dataclasses.replace(cfg.patching, max_patch_length=None))))
+    nnx.update(dense_model, nnx.state(model))
+    h = jax.random.normal(jax.random.key(3), (2, 32, cfg.encoder.dim))
+    starts = np.zeros((2, 33), bool)
+    starts[:, [0, 1, 3, 7, 8, 11, 15, 16, 20, 24, 27, 31, 32]] = True  # patches of 1..4 bytes, trailing empty
+    ids = patch_ids(jnp.asarray(starts), 20)
+    # the 12 non-empty patches agree; empty slots (the trailing patch, padding) are never read by any output
+    chex.assert_trees_all_close(model.pool_patches(h, ids.encoder_ids, 20)[:, :12],
+                                dense_model.pool_patches(h, ids.encoder_ids, 20)[:, :12], atol=1e-5)
+
+
+# ---- causality ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["entropy", "static", "space"])
+def test_changing_a_byte_never_changes_earlier_logits(mode):
+    cfg = tiny_cfg(mode=mode, max_patch_length=6)
+    m = loaded(cfg)
+    S = 48
+    tokens = random_tokens(1, S, seed=4)
+    starts = compute_patch_starts(m.spec, m.pytrees(), tokens)
+    n = int(starts[0, :S].sum())
+    assert 6 < n < S, "patches should have mixed lengths for this test to mean something"
+    fwd = jax.jit(lambda p, t: forward(m.spec, p, t)[0])
+    base = fwd(m.pytrees(), tokens)
+    for t in (5, 20, 33, 47):
+        changed = tokens.at[0, t].set((tokens[0, t] - 4 + 97) % 256 + 4)
+        logits = fwd(m.pytrees(), changed)
+        np.testing.assert_allclose(np.asarray(logits[0, :t]), np.asarray(base[0, :t]), atol=1e-5,
+                                   err_msg=f"logits before byte {t} moved")
+        assert not np.allclose(np.asarray(logits[0, t:]), np.asarray(base[0, t:]), atol=1e-5)
+
+
+# ---- cached pieces equal the full forward ---------------------------------------------------------------------
+
+def _chunks(S):
+    return [(0, 11), (11, 12), (12, 13), (13, 20), (20, S)]  # a prefill, single steps, a longer chunk
+
+
+def test_entropy_model_cache_equals_forward():
+    cfg = tiny_cfg().entropy_model
+    graphdef, params = model_lib.build(cfg)
+    B, S = 2, 40
+    tokens = random_tokens(B, S)
+    full, _ = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
+    step = jax.jit(lambda p, t, pos, c, off: nnx.merge(graphdef, p)(t, pos, c, off))
+    caches = init_caches(cfg.stack, B, 48)
+    for a, b in _chunks(S):
+        pos = jnp.broadcast_to(jnp.arange(a, b)[None], (B, b - a))
+        out, caches = step(params, tokens[:, a:b], pos, caches, jnp.full((B,), a, jnp.int32))
+        chex.assert_trees_all_close(out, full[:, a:b], atol=2e-5)
+
+
+def test_blt_pieces_with_caches_equal_forward():
+    """Encoder, global model and decoder each run chunk by chunk against KV caches (prefill, then one-step
+    decodes), bytes decoded against fixed latents, and reproduce the teacher-forced forward."""
+    cfg = tiny_cfg(max_patch_length=5)
+    m = loaded(cfg)
+    blt = nnx.merge(m.spec.graphdef, m.params)
+    B, S = 2, 40
+    tokens = random_tokens(B, S, seed=2)
+    starts = compute_patch_starts(m.spec, m.pytrees(), tokens)
+    full_logits, ids = blt(tokens, starts, max_patches=S + 1)
+    P = S + 1
+
+    # reference intermediate values from the uncached pieces
+    emb = blt.byte_embeddings(tokens)
+    pos = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
+    seg = jnp.cumsum(tokens == BOS_ID, axis=1)
+    h_full, _ = blt.encode(emb, pos, seg)
+    patches = blt.pool_patches(h_full, ids.encoder_ids, P)
+    latents_full, _ = blt.global_latents(patches, jnp.broadcast_to(jnp.arange(P)[None], (B, P)))
+
+    gd, params = m.spec.graphdef, m.params
+
+    @jax.jit
+    def encode_chunk(p, toks, context, positions, caches, offset):
+        net = nnx.merge(gd, p)
+        e = net.byte_embeddings(toks, context)
+        return (e,) + net.encode(e, positions, caches=caches, offset=offset)
+
+    @jax.jit
+    def global_step(p, patch, positions, caches, offset):
+        return nnx.merge(gd, p).global_latents(patch, positions, caches=caches, offset=offset)
+
+    @jax.jit
+    def decode_step(p, h, positions, latent, caches, offset):
+        net = nnx.merge(gd, p)  # one byte against one fixed latent
+        return net.decode(h, positions, net.decoder_cross_kv(latent), jnp.zeros((B, 1), jnp.int32),
+                          caches=caches, offset=offset)
+
+    # encoder: hash context + KV cache, chunk by chunk
+    enc_caches = init_caches(cfg.encoder, B, 48)
+    ctx_len = blt.hash_context
+    hs = []
+    for a, b in _chunks(S):
+        context = jnp.pad(tokens, ((0, 0), (ctx_len, 0)))[:, a:a + ctx_len]
+        e, h, enc_caches = encode_chunk(params, tokens[:, a:b], context, pos[:, a:b], enc_caches,
+                                        jnp.full((B,), a, jnp.int32))
+        chex.assert_trees_all_close(e, emb[:, a:b], atol=1e-6)
+        hs.append(h)
+    h_cached = jnp.concatenate(hs, axis=1)
+    chex.assert_trees_all_close(h_cached, h_full, atol=2e-5)
+
+    # global model: one patch at a time against its KV cache
+    n = int(jnp.max(ids.num_patches))
+    g_caches = init_caches(cfg.global_model, B, 48)
+    lat = []
+    for p in range(n):
+        out, g_caches = global_step(params, patches[:, p:p + 1], jnp.full((B, 1), p), g_caches,
+                                    jnp.full((B,), p, jnp.int32))
+        lat.append(out)
+    chex.assert_trees_all_close(jnp.concatenate(lat, axis=1), latents_full[:, :n], atol=2e-5)
+
+    # decoder: per chunk, each byte against its own latent only (a one-latent cross-attention source)
+    d_caches = init_caches(cfg.decoder, B, 48)
+    cross_all = blt.decoder_cross_kv(latents_full)
+    for t in range(S):
+        one = jnp.take_along_axis(latents_full, ids.decoder_ids[:, t, None, None], axis=1)  # (B, 1, Dg)
+        logits, d_caches = decode_step(params, h_full[:, t:t + 1], pos[:, t:t + 1], one, d_caches,
+                                       jnp.full((B,), t, jnp.int32))
+        chex.assert_trees_all_close(logits[:, 0], full_logits[:, t], atol=5e-5)
+    assert len(cross_all) == cfg.decoder.n_layers  # cross-attention before every decoder layer
+
+
+# ---- presets ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset,glob,enc,dec", [("fast-blt-1b", 1.28e9, 19e6, 160e6),
+                                                  ("fast-blt-3b", 2.82e9, 26e6, 160e6)])
+def test_paper_parameter_counts(preset, glob, enc, dec):
+    c = model_lib.param_counts(get_preset(preset).model)
+    assert abs(c["global"] - glob) / glob < 0.01
+    assert abs(c["encoder"] - enc) / enc < 0.03
+    assert abs(c["decoder"] - dec) / dec < 0.02
+
+
+def test_released_blt_1b_shapes():
+    c = model_lib.param_counts(get_preset("blt-1b").model)
+    assert c["hash_embeddings"] == 6 * 500_002 * 1024
+    assert abs(c["entropy_model"] - 99.5e6) / 99.5e6 < 0.01  # 14 x 768, the released blt-entropy
+
+
+def test_every_parameter_has_logical_axis_names():
+    _, state = model_lib.abstract_state(get_preset("tiny").model)
+    for path, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == len(var.shape), path
+
+
+def test_bfloat16_compute_tracks_float32():
+    cfg = tiny_cfg()
+    graphdef, params = model_lib.build(cfg)
+    tokens = random_tokens(2, 32)
+    starts = jnp.zeros((2, 33), bool).at[:, ::3].set(True).at[:, 1].set(True)
+    from blt_jax.model.layers import cast_floating
+    f32 = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, starts)[0])(params)
+    b16 = jax.jit(lambda p: nnx.merge(graphdef, cast_floating(p, jnp.bfloat16))(
+        tokens, starts, dtype=jnp.bfloat16)[0])(params)
+    p32, p16 = jax.nn.softmax(f32), jax.nn.softmax(b16)
+    assert float(jnp.abs(p32 - p16).max()) < 0.02
+    assert float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(b16, -1))) > 0.9
+
+
+def test_remat_gives_identical_gradients():
+    from blt_jax.objectives import blt_loss
+    cfg = tiny_cfg()
+    graphdef, params = model_lib.build(cfg)
+    tokens = random_tokens(2, 32)
+    batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "loss_mask": jnp.ones((2, 32)),
+             "patch_starts": jnp.zeros((2, 33), bool).at[:, ::4].set(True).at[:, 1].set(True)}
+
+    def grad(remat):
+        return jax.jit(jax.grad(lambda p: blt_loss(nnx.merge(graphdef, p), batch, remat, jnp.float32)[0]))(params)
+
+    chex.assert_trees_all_close(grad(True), grad(False), atol=1e-5)
