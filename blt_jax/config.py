@@ -405,8 +405,8 @@ def preset_quickstart() -> RunConfig:
         data=DataConfig(seq_len=512, batch_size=16),
         train=TrainConfig(steps=260, learning_rate=3e-3, warmup_steps=20, log_every=10, checkpoint_every=100,
                           eval_batches=12),
-        entropy_train=TrainConfig(steps=260, learning_rate=3e-3, warmup_steps=20, log_every=10,
-                                  checkpoint_every=260, eval_batches=12),
+        entropy_train=TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=20, log_every=10,
+                                  checkpoint_every=200, eval_batches=12),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,6 @@ def heldout_bpb(run_dir: str | Path, data_root: Optional[str] = None, split: str
     """Bits per byte of a run's checkpoint on a split of a data store (its own store by default)."""
     kind, cfg, _ = ckpt.load_run_config(run_dir)
     if data_root is not None:
-        import dataclasses  # noqa: PLC0415
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_root))
     task = resolve_task(kind, cfg)
     params = load_trained_params(run_dir, step=step)

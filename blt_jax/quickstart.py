@@ -23,12 +23,19 @@ from blt_jax.train.loop import train
 # The training split is capped so the entropy pass over it fits the quickstart's time budget; the
 # held-out split (about 200 KB of whole files) is always complete.
 QUICKSTART_TRAIN_BYTES = 3_000_000
-SAMPLE_PROMPT = "def read_config(path):\n    "
+SAMPLE_PROMPT = ('import os\nimport sys\n\n\ndef read_config(path):\n'
+                 '    """Read a configuration file and return a dict."""\n    with open(path) as f:\n')
 
 
 def _stage(name: str) -> float:
     print(f"\n== {name}", flush=True)
     return time.time()
+
+
+def _interrupted(report: dict) -> dict:
+    print("\ninterrupted: the last checkpoint is saved; run the same command again to resume")
+    report["interrupted"] = True
+    return report
 
 
 def run_quickstart(cfg: RunConfig, out: Path, data: Optional[Sequence[str]] = None, progress: bool = True,
@@ -53,6 +60,8 @@ def run_quickstart(cfg: RunConfig, out: Path, data: Optional[Sequence[str]] = No
 
     t = _stage("2/6 train the entropy model (a small causal byte LM)")
     ent = train("entropy", cfg, out / "entropy", progress=progress)
+    if ent["interrupted"]:
+        return _interrupted(report)
     report["entropy_model"] = {"params": model_lib.param_counts(cfg.model.entropy_model)["entropy_model"],
                                "heldout_bits_per_byte": ent["heldout"]["bits_per_byte"]}
     print(f"entropy model held-out: {ent['heldout']['bits_per_byte']:.3f} bits/byte")
@@ -72,6 +81,8 @@ def run_quickstart(cfg: RunConfig, out: Path, data: Optional[Sequence[str]] = No
 
     t = _stage("4/6 train the BLT")
     blt = train("blt", cfg, out / "blt", progress=progress)
+    if blt["interrupted"]:
+        return _interrupted(report)
     counts = model_lib.param_counts(cfg.model)
     report["blt"] = {"params": counts, "heldout": blt["heldout"], "train": blt.get("last_train", {})}
     report["seconds"]["blt"] = time.time() - t
@@ -86,7 +97,7 @@ def run_quickstart(cfg: RunConfig, out: Path, data: Optional[Sequence[str]] = No
     t = _stage("6/6 generate (top-p sampling, no cache)")
     model = api.load(str(out / "blt"))
     result = api.generate(model, [SAMPLE_PROMPT], max_new_bytes=200,
-                          sampling=api.SamplingConfig(temperature=0.7, top_p=0.9), seed=0)[0]
+                          sampling=api.SamplingConfig(temperature=1.0, top_p=0.95), seed=0)[0]
     print(result.prompt + result.text)
     report["sample"] = {"prompt": result.prompt, "text": result.text}
     report["seconds"]["generate"] = time.time() - t

@@ -31,12 +31,12 @@ class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the requested model; the message names the first differing field."""
 
 
-def _first_difference(a: Any, b: Any, prefix: str) -> Optional[str]:
+def first_difference(a: Any, b: Any, prefix: str) -> Optional[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             if key not in a or key not in b:
                 return f"{prefix}.{key}"
-            diff = _first_difference(a[key], b[key], f"{prefix}.{key}")
+            diff = first_difference(a[key], b[key], f"{prefix}.{key}")
             if diff:
                 return diff
         return None
@@ -85,7 +85,7 @@ def check_compatible(run_dir: str | Path, kind: str, cfg: RunConfig) -> None:
     # the entropy model is what an entropy run trains; a BLT run's shapes depend on the whole model section
     section = "model.entropy_model" if kind == "entropy" else "model"
     saved, wanted = {"model": meta["config"]["model"]}, {"model": cfg.to_dict()["model"]}
-    diff = _first_difference(_lookup(saved, section), _lookup(wanted, section), section)
+    diff = first_difference(_lookup(saved, section), _lookup(wanted, section), section)
     if diff:
         raise CheckpointMismatch(
             f"{run_dir} was written for a different model: {diff} is {_lookup(saved, diff)!r} there but "

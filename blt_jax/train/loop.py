@@ -189,6 +189,8 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
                 ckpt.save(mngr, step, state, data_iter)
     bar.close()
     mngr.wait_until_finished()
+    if hasattr(data_iter, "close"):  # stops grain worker processes
+        data_iter.close()
     interrupted = step < tc.steps
     summary.update(step=step, interrupted=interrupted, wall_seconds=time.time() - t_begin)
     if not interrupted:
@@ -208,7 +210,7 @@ def load_trained_params(run_dir: str | Path, expect_kind: Optional[str] = None, 
         raise ckpt.CheckpointMismatch(f"{run_dir} holds a {kind!r} run, expected {expect_kind!r}")
     own_cfg = cfg.model.entropy_model if kind == "entropy" else cfg.model
     if model_cfg is not None and model_cfg != own_cfg:
-        diff = ckpt._first_difference(dataclasses.asdict(own_cfg), dataclasses.asdict(model_cfg), "model")
+        diff = ckpt.first_difference(dataclasses.asdict(own_cfg), dataclasses.asdict(model_cfg), "model")
         raise ckpt.CheckpointMismatch(f"{run_dir} holds a model that differs from the configured one at {diff}")
     _, abstract_params = model_lib.abstract_state(own_cfg)
     tc = cfg.entropy_train if kind == "entropy" else cfg.train
