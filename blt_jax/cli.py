@@ -118,6 +118,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from blt_jax import convert  # noqa: PLC0415
+
+    if args.from_hf:
+        cfg = convert.import_hf(args.src, args.dst)
+        print(f"imported {args.src} -> {args.dst} (patching {cfg.patching.mode}, threshold {cfg.patching.threshold})")
+    else:
+        convert.export_hf(args.src, args.dst)
+        print(f"exported {args.src} -> {args.dst} (load with transformers' BltForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_params(args) -> int:
     from blt_jax import flops  # noqa: PLC0415
     from blt_jax.model import param_counts  # noqa: PLC0415
@@ -200,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eos-stop", action="store_true", help="always generate max-new-bytes bytes")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.set_defaults(fn=cmd_generate)
+
+    cv = sub.add_parser("convert", help="import a transformers Blt checkpoint, or export a run to one")
+    direction = cv.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", action="store_true", help="SRC is a transformers save_pretrained folder")
+    direction.add_argument("--to-hf", action="store_true", help="SRC is a blt_jax BLT run directory")
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.set_defaults(fn=cmd_convert)
 
     pa = sub.add_parser("params", help="parameter counts per component and FLOPs per byte of a preset")
     _add_config_args(pa)

@@ -95,6 +95,10 @@ class PatchingConfig:
     patch_size: int = 4  # static patching only
     max_patches: int = 256  # static number of patch slots per sequence (global model length)
     target_patch_length: float = 4.0  # calibration target, bytes per patch
+    # transformers splits long patches after the fact and drops empty ones, so with max_patch_length its
+    # last byte never reads its own patch's latent. True reproduces that (set for converted checkpoints);
+    # it makes patching non-incremental at the newest byte, so cached samplers refuse it.
+    drop_trailing_patch: bool = False
 
     def validate(self, name: str) -> None:
         _check(self.mode in typing.get_args(PatchingMode), f"{name}.mode",

@@ -75,7 +75,7 @@ def config_from_hf(hf: dict) -> BLTConfig:
     mpl = hf.get("max_patch_length")
     patching = PatchingConfig(mode=pmode, threshold=float(hf.get("patching_threshold", 1.335442066192627)),
                               max_patch_length=int(mpl) if mpl else None, max_patches=256,
-                              hf_trailing_patch=mpl is not None)
+                              drop_trailing_patch=mpl is not None)
     sizes = hf.get("encoder_hash_byte_group_size") or [3, 4, 5, 6, 7, 8]
     cfg = BLTConfig(
         encoder=_stack(enc, "encoder_config", window, 500_000.0),

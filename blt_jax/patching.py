@@ -100,6 +100,8 @@ def start_flags(cfg: PatchingConfig, tokens, entropies=None, threshold: Optional
     if cfg.max_patch_length is not None:
         last_start = _cummax(xp, xp.where(starts, pos, 0))
         starts = starts | ((pos - last_start) % cfg.max_patch_length == 0)
+        if cfg.drop_trailing_patch:
+            starts = starts & (pos < S)
     return starts
 
 

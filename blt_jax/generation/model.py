@@ -65,19 +65,28 @@ def load_run(run_dir: str | Path, step: Optional[int] = None) -> LoadedModel:
     return from_params(cfg.model, params, entropy_params)
 
 
-def compute_patch_starts(spec: ModelSpec, pytrees: dict, tokens: jax.Array) -> jax.Array:
-    """Patch starts (B, S + 1) of `tokens` (B, S) as the model patches them (entropy model run in-forward)."""
+def compute_patch_starts(spec: ModelSpec, pytrees: dict, tokens: jax.Array,
+                         lengths: Optional[jax.Array] = None) -> jax.Array:
+    """Patch starts (B, S + 1) of `tokens` (B, S) as the model patches them (entropy model run in-forward).
+
+    `lengths` (B,): rows are right-padded prefixes of these lengths; only matters for
+    `drop_trailing_patch` (transformers' rule), which concerns the byte after each row's last one."""
+    patching = spec.cfg.patching
     entropy = None
-    if spec.cfg.patching.mode == "entropy":
+    if patching.mode == "entropy":
         em = nnx.merge(spec.entropy_graphdef, pytrees["entropy"])
         entropy = entropies(em(tokens, document_masking=spec.cfg.document_masking)[0])
-    return start_flags(spec.cfg.patching, tokens, entropy, spec.threshold)
+    starts = start_flags(patching, tokens, entropy, spec.threshold)
+    if patching.drop_trailing_patch and patching.max_patch_length is not None and lengths is not None:
+        starts = starts & (jnp.arange(tokens.shape[1] + 1)[None, :] != lengths[:, None])
+    return starts
 
 
-def forward(spec: ModelSpec, pytrees: dict, tokens: jax.Array, max_patches: Optional[int] = None):
+def forward(spec: ModelSpec, pytrees: dict, tokens: jax.Array, max_patches: Optional[int] = None,
+            lengths: Optional[jax.Array] = None):
     """Full forward with in-forward patching: logits (B, S, V), PatchIds. `max_patches` defaults to
     S + 1, enough for any sequence, so no byte is ever dropped."""
     S = tokens.shape[1]
-    starts = compute_patch_starts(spec, pytrees, tokens)
+    starts = compute_patch_starts(spec, pytrees, tokens, lengths)
     blt = nnx.merge(spec.graphdef, pytrees["blt"])
     return blt(tokens, starts, max_patches=S + 1 if max_patches is None else max_patches)

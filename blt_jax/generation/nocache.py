@@ -31,7 +31,7 @@ def generate_nocache(spec: ModelSpec, sampling: SamplingConfig, pytrees: dict, t
     start = lengths
 
     def body(st: GenState) -> GenState:
-        logits, _ = forward(spec, pytrees, st.tokens)
+        logits, _ = forward(spec, pytrees, st.tokens, lengths=st.lengths)
         last = jnp.take_along_axis(logits, (st.lengths - 1)[:, None, None], axis=1)[:, 0]
         nxt = choose(last, row_keys(rngs, st.step), sampling)
         active = ~st.done

@@ -121,12 +121,17 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
         if entropy_run is None:
             raise ConfigError("entropy_run: a BLT with entropy patching needs the entropy model's run directory")
         extra["entropy_run"] = str(entropy_run)
-        entropy_params = load_trained_params(entropy_run, expect_kind="entropy", model_cfg=cfg.model.entropy_model)
+        own_copy = run_dir / "entropy_model"
+        if (run_dir / ckpt.RUN_META).exists() and own_copy.exists():  # resuming: the run's own frozen copy
+            entropy_params = ckpt.load_params(own_copy, model_lib.abstract_state(cfg.model.entropy_model)[1])
+        else:
+            entropy_params = load_trained_params(entropy_run, expect_kind="entropy",
+                                                 model_cfg=cfg.model.entropy_model)
 
     if (run_dir / ckpt.RUN_META).exists():
         ckpt.check_compatible(run_dir, kind, cfg)
     ckpt.write_run_meta(run_dir, kind, cfg, **extra)
-    if entropy_params is not None:
+    if entropy_params is not None and not (run_dir / "entropy_model").exists():
         ckpt.save_params(run_dir / "entropy_model", entropy_params)
 
     graphdef, params = model_lib.build(task.model_cfg, seed=tc.seed)
@@ -149,7 +154,7 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc=f"train {kind}", disable=not progress or jax.process_index() != 0,
                dynamic_ncols=True)
-    last_log_time, last_log_step, pending = None, start, None
+    last_log_time, last_log_step = None, start
     t_begin = time.time()
     step = start
     with _StopFlag() as stop:
@@ -213,6 +218,9 @@ def load_trained_params(run_dir: str | Path, expect_kind: Optional[str] = None, 
         diff = ckpt.first_difference(dataclasses.asdict(own_cfg), dataclasses.asdict(model_cfg), "model")
         raise ckpt.CheckpointMismatch(f"{run_dir} holds a model that differs from the configured one at {diff}")
     _, abstract_params = model_lib.abstract_state(own_cfg)
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").exists() and (run_dir / "params").exists():  # converted: parameters only
+        return ckpt.load_params(run_dir / "params", abstract_params)
     tc = cfg.entropy_train if kind == "entropy" else cfg.train
     abstract = jax.eval_shape(lambda p: init_train_state(p, make_optimizer(tc)), abstract_params)
     mngr = ckpt.open_manager(run_dir, keep=tc.keep_checkpoints, async_save=False)

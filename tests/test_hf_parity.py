@@ -1,0 +1,107 @@
+"""Released-weight interop, checked numerically against transformers itself (torch CPU, offline models):
+import -> same patches and logits; greedy generation equals transformers' generate; export -> transformers
+reloads it bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hf_models
+from blt_jax import convert
+from blt_jax.cli import main
+from blt_jax.generation import api
+from blt_jax.generation.model import compute_patch_starts, forward
+from blt_jax.generation.sampling import SamplingConfig
+from blt_jax.patching import patch_ids, patch_lengths
+
+torch = pytest.importorskip("torch", reason="install the test extra: pip install -e '.[test]'")
+torch.set_num_threads(1)
+
+VARIANTS = {
+    "reference": hf_models.variant(),
+    "global-projection-gqa": hf_models.variant(global_config={"hidden_size": 192, "num_key_value_heads": 2}),
+    "encoder-cross-all-layers": hf_models.variant(
+        encoder_config={"num_hidden_layers": 2, "cross_attn_all_layers": True},
+        decoder_config={"cross_attn_all_layers": False, "num_key_value_heads": 2}),
+    "max-patch-length": hf_models.variant(max_patch_length=4),
+    "hash-sizes": hf_models.variant(encoder_hash_byte_group_size=[3, 5, 8], encoder_hash_byte_group_vocab=509,
+                                    encoder_hash_byte_group_nb_functions=2),
+    "byte-patches": hf_models.variant(patch_in_forward=False, local_attention_window_len=16),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def converted(request, tmp_path_factory):
+    name = request.param
+    base = tmp_path_factory.mktemp(f"hf-{name}")
+    hf = hf_models.build(VARIANTS[name], seed=1)
+    hf_models.save(hf, base / "hf")
+    assert main(["convert", "--from-hf", str(base / "hf"), str(base / "ours")]) == 0
+    return name, hf, api.load(str(base / "ours")), base
+
+
+def ours_forward(model, ids):
+    tokens = jnp.asarray(ids, jnp.int32)
+    fn = jax.jit(lambda p, t: forward(model.spec, p, t, lengths=jnp.full((1,), t.shape[1]))[0])
+    starts = compute_patch_starts(model.spec, model.pytrees(), tokens, jnp.full((1,), tokens.shape[1]))
+    ids_ = patch_ids(starts, tokens.shape[1] + 1)
+    lengths = np.asarray(patch_lengths(ids_, tokens.shape[1] + 1))[0, : int(ids_.num_patches[0])]
+    return np.asarray(fn(model.pytrees(), tokens)), lengths
+
+
+def test_patches_and_logits_match_transformers(converted):
+    name, hf, model, _ = converted
+    for prompt in (hf_models.PROMPT, b"def f(x):\n    return x * 2  # doubled\n" * 3):
+        ids = hf_models.prompt_ids(prompt)
+        want_logits, want_lengths = hf_models.hf_forward(hf, ids)
+        got_logits, got_lengths = ours_forward(model, ids)
+        if want_lengths is not None:
+            assert got_lengths.tolist() == want_lengths[0].tolist(), name
+            assert 3 < len(got_lengths) < ids.shape[1], "patches should have mixed lengths"
+        np.testing.assert_allclose(got_logits, want_logits, atol=1e-4, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["reference", "max-patch-length"])
+def test_greedy_generation_equals_transformers_generate(name, tmp_path):
+    hf = hf_models.build(VARIANTS[name], seed=2)
+    hf_models.save(hf, tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "ours")
+    ids = hf_models.prompt_ids()
+    want = hf_models.hf_greedy(hf, ids, 64)[0]
+    got = api.generate(api.load(str(tmp_path / "ours")), [hf_models.PROMPT], max_new_bytes=64,
+                       sampling=SamplingConfig(allow_specials=True), stop_at_eos=False)[0]
+    assert got.cost["new_bytes"] == 64
+    want_bytes = bytes(int(t) - 4 for t in want if 4 <= t < 260)
+    assert got.new_bytes == want_bytes
+
+
+def test_export_reloads_in_transformers_bit_for_bit(converted, tmp_path):
+    name, hf, _, base = converted
+    from transformers import AutoModelForCausalLM
+
+    assert main(["convert", "--to-hf", str(base / "ours"), str(tmp_path / "exported")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = hf_models.prompt_ids()
+    a, _ = hf_models.hf_forward(hf, ids)
+    b, _ = hf_models.hf_forward(again, ids)
+    assert np.array_equal(a, b), name
+
+
+def test_unsupported_config_values_are_refused_by_name():
+    with pytest.raises(convert.UnsupportedConfig, match="global_config.hidden_act"):
+        convert.config_from_hf(hf_models.variant(global_config={"hidden_act": "gelu"}))
+    with pytest.raises(convert.UnsupportedConfig, match="rope_type"):
+        convert.config_from_hf(hf_models.variant(
+            decoder_config={"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}))
+    with pytest.raises(convert.UnsupportedConfig, match="tie_word_embeddings"):
+        convert.config_from_hf(hf_models.variant(tie_word_embeddings=True))
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    hf = hf_models.build(hf_models.variant(), seed=0)
+    hf_models.save(hf, tmp_path / "hf")
+    hf_cfg, tensors = convert.read_hf_folder(tmp_path / "hf")
+    wrong = convert.config_from_hf(hf_models.variant(global_config={"intermediate_size": 700}))
+    with pytest.raises(convert.UnsupportedConfig, match="global_transformer.layers.0.mlp"):
+        convert.params_from_hf(wrong, tensors)
