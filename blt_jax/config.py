@@ -99,6 +99,9 @@ class PatchingConfig:
     # last byte never reads its own patch's latent. True reproduces that (set for converted checkpoints);
     # it makes patching non-incremental at the newest byte, so cached samplers refuse it.
     drop_trailing_patch: bool = False
+    # a BOS inside a sequence starts a patch of its own (documents are patched independently); transformers
+    # treats a mid-sequence BOS as an ordinary byte, so converted checkpoints turn this off
+    document_starts: bool = True
 
     def validate(self, name: str) -> None:
         _check(self.mode in typing.get_args(PatchingMode), f"{name}.mode",

@@ -75,7 +75,7 @@ def config_from_hf(hf: dict) -> BLTConfig:
     mpl = hf.get("max_patch_length")
     patching = PatchingConfig(mode=pmode, threshold=float(hf.get("patching_threshold", 1.335442066192627)),
                               max_patch_length=int(mpl) if mpl else None, max_patches=256,
-                              drop_trailing_patch=mpl is not None)
+                              drop_trailing_patch=mpl is not None, document_starts=False)
     sizes = hf.get("encoder_hash_byte_group_size") or [3, 4, 5, 6, 7, 8]
     cfg = BLTConfig(
         encoder=_stack(enc, "encoder_config", window, 500_000.0),
@@ -208,10 +208,9 @@ def import_hf(src: str | Path, dst: str | Path) -> BLTConfig:
     hf_cfg, tensors = read_hf_folder(src)
     cfg = config_from_hf(hf_cfg)
     params, eparams = params_from_hf(cfg, tensors)
-    run = RunConfig(name=f"converted:{Path(src).name}", model=cfg,
-                    data=DataConfig(seq_len=1024, batch_size=8))
-    run = dataclasses.replace(run, model=dataclasses.replace(
-        cfg, patching=dataclasses.replace(cfg.patching, max_patches=max(cfg.patching.max_patches, 1025))))
+    seq_len = 1024  # for `blt eval` / fine-tuning; enough patch slots that no byte is ever dropped
+    cfg = dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, max_patches=seq_len + 1))
+    run = RunConfig(name=f"converted:{Path(src).name}", model=cfg, data=DataConfig(seq_len=seq_len, batch_size=8))
     ckpt.write_run_meta(dst, "blt", run, converted_from=str(Path(src).absolute()))
     ckpt.save_params(Path(dst) / "params", params)
     if eparams is not None:

@@ -93,7 +93,7 @@ def start_flags(cfg: PatchingConfig, tokens, entropies=None, threshold: Optional
         raise ConfigError(f"model.patching.mode: unknown mode {cfg.mode!r}")
 
     starts = starts[:, : S + 1]
-    if cfg.mode != "byte":
+    if cfg.mode != "byte" and cfg.document_starts:
         is_bos = tokens == BOS_ID
         starts = starts | xp.concatenate([is_bos, xp.zeros((B, 1), bool)], axis=1)
         starts = starts | xp.concatenate([xp.zeros((B, 1), bool), is_bos], axis=1)

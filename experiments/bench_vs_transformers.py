@@ -14,6 +14,7 @@ Best of N after warm-up. Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -103,8 +104,11 @@ def worker_jax(run: str, threads: int, repeats: int) -> dict:
     starts = compute_patch_starts(model.spec, model.pytrees(), tokens, jnp.full((TRAIN_BATCH,), TRAIN_LEN))
     batch = {"tokens": tokens, "targets": jnp.asarray(x[:, 1:]), "loss_mask": jnp.ones((TRAIN_BATCH, TRAIN_LEN)),
              "patch_starts": starts}
+    # static patch slots sized to the batch (rounded up to 64), as transformers sizes its patch axis per batch
+    slots = -(-int(jnp.max(jnp.sum(starts, axis=1))) // 64) * 64
+    cfg = dataclasses.replace(model.cfg, patching=dataclasses.replace(model.cfg.patching, max_patches=slots))
     tc = TrainConfig(steps=10, learning_rate=1e-4, warmup_steps=0)
-    graphdef, _ = build(model.cfg)
+    graphdef, _ = build(cfg)
     tx = make_optimizer(tc)
     fns = make_step_fns("blt", graphdef, tx, tc)
     state = [init_train_state(model.params, tx)]
@@ -114,6 +118,7 @@ def worker_jax(run: str, threads: int, repeats: int) -> dict:
         jax.block_until_ready(m)
 
     out["train_bytes_per_s"] = TRAIN_BATCH * TRAIN_LEN / best_of(step, repeats)
+    out["train_patch_slots"] = slots
     out["note"] = "training step uses precomputed patch starts (transformers' step also runs its patcher)"
     return out
 

@@ -39,10 +39,11 @@ def loaded(cfg, seed=0):
 
 # ---- attention ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("kv_heads", [4, 1])
 @pytest.mark.parametrize("with_segments", [False, True])
-def test_block_local_attention_equals_dense(kv_heads, with_segments):
-    B, S, H, D, W = 2, 64, 4, 8, 16
+@pytest.mark.parametrize("S,W", [(64, 16), (512, 512), (512, 200)])  # block-local; triangular (two windows)
+def test_windowed_attention_paths_equal_dense(kv_heads, with_segments, S, W):
+    B, H, D = 2, 4, 8
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (B, S, H, D))
     k = jax.random.normal(keys[1], (B, S, kv_heads, D))
@@ -56,20 +57,32 @@ def test_block_local_attention_equals_dense(kv_heads, with_segments):
 
 # ---- pooling --------------------------------------------------------------------------------------------------
 
-def test_gathered_pooling_equals_dense_pooling():
-    """With max_patch_length set, patches gather their own bytes; the result equals the dense mask path."""
-    cfg = tiny_cfg(max_patch_length=4)
+def test_segmented_pooling_equals_dense_masked_cross_attention():
+    """Patch pooling computes scores only for (byte, own patch) pairs; it must equal plain cross-attention
+    of every patch query over all bytes with a patch-membership mask (the reference's formulation)."""
+    cfg = tiny_cfg()
     model = nnx.merge(*model_lib.build(cfg))
-    dense_model = nnx.merge(*model_lib.build(dataclasses.replace(
-        cfg, patching=dataclasses.replace(cfg.patching, max_patch_length=None))))
-    nnx.update(dense_model, nnx.state(model))
-    h = jax.random.normal(jax.random.key(3), (2, 32, cfg.encoder.dim))
-    starts = np.zeros((2, 33), bool)
+    B, S, P, k, D = 2, 32, 20, cfg.cross_attn_k, cfg.encoder.dim
+    h = jax.random.normal(jax.random.key(3), (B, S, D))
+    starts = np.zeros((B, S + 1), bool)
     starts[:, [0, 1, 3, 7, 8, 11, 15, 16, 20, 24, 27, 31, 32]] = True  # patches of 1..4 bytes, trailing empty
-    ids = patch_ids(jnp.asarray(starts), 20)
-    # the 12 non-empty patches agree; empty slots (the trailing patch, padding) are never read by any output
-    chex.assert_trees_all_close(model.pool_patches(h, ids.encoder_ids, 20)[:, :12],
-                                dense_model.pool_patches(h, ids.encoder_ids, 20)[:, :12], atol=1e-5)
+    starts[1, [5, 26]] = True
+    ids = patch_ids(jnp.asarray(starts), P).encoder_ids
+    got = model.pool_patches(h, ids, P).reshape(B, P, k, D)
+
+    enc = model.local_encoder
+    member = ids[:, None, :] == jnp.arange(P)[None, :, None]  # (B, P, S)
+    pooled = jnp.max(jnp.where(member[..., None], h[:, None], -jnp.inf), axis=2)
+    pooled = jnp.where(jnp.isneginf(pooled), 0.0, pooled)
+    queries = enc.patch_embedding_projection(pooled).reshape(B, P * k, D)
+    cross = enc.cross_attn_layers[-1]
+    kk, vv = cross.keys_values(h)
+    mask = jnp.repeat(member, k, axis=1)  # query (p, j) sees patch p's bytes
+    o = attention(cross.queries(queries), kk, vv, mask).reshape(B, P * k, D)
+    want = (2 * queries + cross.o_proj(o)).reshape(B, P, k, D)  # the double residual
+    n = int(starts[0, :S].sum())  # non-empty patches agree; empty slots are never read
+    chex.assert_trees_all_close(got[0, :n], want[0, :n], atol=1e-5)
+    chex.assert_trees_all_close(got[1, :n + 2], want[1, :n + 2], atol=1e-5)
 
 
 # ---- causality ------------------------------------------------------------------------------------------------

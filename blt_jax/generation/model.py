@@ -90,3 +90,25 @@ def forward(spec: ModelSpec, pytrees: dict, tokens: jax.Array, max_patches: Opti
     starts = compute_patch_starts(spec, pytrees, tokens, lengths)
     blt = nnx.merge(spec.graphdef, pytrees["blt"])
     return blt(tokens, starts, max_patches=S + 1 if max_patches is None else max_patches)
+
+
+def last_logits(spec: ModelSpec, pytrees: dict, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Next-byte logits (B, V) after each row's prefix tokens[:, :lengths]: one full forward.
+
+    Bytes past a row's end are kept out of new patches, so the patches needed never exceed the prefix's;
+    a forward sized for half the buffer's bytes runs whenever every row fits it (the common case), and one
+    sized for every byte otherwise, so the result never depends on which one ran."""
+    B, S = tokens.shape
+    starts = compute_patch_starts(spec, pytrees, tokens, lengths)
+    starts = starts & (jnp.arange(S + 1)[None, :] <= lengths[:, None])
+    blt = nnx.merge(spec.graphdef, pytrees["blt"])
+    small = max(16, (S + 1) // 2)
+
+    def run(num_slots):
+        logits, _ = blt(tokens, starts, max_patches=num_slots)
+        return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+    if small >= S + 1:
+        return run(S + 1)
+    needed = jnp.max(jnp.sum(starts, axis=1))
+    return jax.lax.cond(needed <= small, lambda: run(small), lambda: run(S + 1))

@@ -108,36 +108,16 @@ class BLT(nnx.Module):
 
     def pool_patches(self, h: Array, encoder_ids: Array, num_slots: int) -> Array:
         """Patch embeddings (B, P, k * De): amax-pool each patch's byte states, project into k queries, and
-        cross-attend the patch's own bytes (RMSNorm on q and kv; the reference's double residual).
-
-        With `max_patch_length` m, each patch gathers its <= m bytes (cost ~ P * m); otherwise a dense
-        patch-by-byte mask is used (cost ~ P * S). Empty slots pool to zero."""
-        cfg = self.cfg
+        cross-attend the patch's own bytes (RMSNorm on q and kv; the reference's double residual). Bytes with
+        the sentinel id P (truncated) join no patch; empty slots pool to zero."""
         B, S, De = h.shape
-        k = cfg.cross_attn_k
-        cross = self.local_encoder.cross_attn_layers[-1]
-        m = cfg.patching.max_patch_length
-        if m is not None:
-            first = jax.vmap(lambda i: jax.ops.segment_min(jnp.arange(S), i, num_segments=num_slots + 1))(encoder_ids)
-            idx = first[:, :num_slots, None] + jnp.arange(m)[None, None, :]  # (B, P, m) candidate bytes
-            safe = jnp.clip(idx, 0, S - 1)
-            member = (idx < S) & (jnp.take_along_axis(encoder_ids[:, None, :], safe.reshape(B, 1, -1), axis=2)
-                                  .reshape(B, num_slots, m) == jnp.arange(num_slots)[None, :, None])
-            bytes_ = jax.vmap(lambda x, i: x[i])(h, safe.reshape(B, -1)).reshape(B, num_slots, m, De)
-            pooled = jnp.max(jnp.where(member[..., None], bytes_, -jnp.inf), axis=2)
-            pooled = jnp.where(jnp.isneginf(pooled), jnp.zeros_like(pooled), pooled)
-            queries = self.local_encoder.patch_embedding_projection(pooled).reshape(B, num_slots * k, De)
-            kk, vv = cross.keys_values(bytes_)  # (B, P, m, KV, hd)
-            rep = lambda x: jnp.repeat(x, k, axis=1)  # noqa: E731  query (p, j) sees patch p's bytes
-            out = cross.gathered(queries, rep(kk), rep(vv), rep(member))
-        else:
-            seg_max = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num_segments=num_slots + 1))
-            pooled = seg_max(h, encoder_ids)[:, :num_slots]  # sentinel slot num_slots drops truncated bytes
-            pooled = jnp.where(jnp.isneginf(pooled), jnp.zeros_like(pooled), pooled)
-            queries = self.local_encoder.patch_embedding_projection(pooled).reshape(B, num_slots * k, De)
-            slot = jnp.repeat(jnp.arange(num_slots), k)  # query (p, j) -> patch p
-            out = cross.masked(queries, h, encoder_ids[:, None, :] == slot[None, :, None])
-        return (queries + out).reshape(B, num_slots, k * De)  # out already holds o + queries
+        k = self.cfg.cross_attn_k
+        seg_max = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num_segments=num_slots + 1))
+        pooled = seg_max(h, encoder_ids)[:, :num_slots]
+        pooled = jnp.where(jnp.isneginf(pooled), jnp.zeros_like(pooled), pooled)
+        queries = self.local_encoder.patch_embedding_projection(pooled).reshape(B, num_slots, k, De)
+        out = self.local_encoder.cross_attn_layers[-1].segmented(queries, h, encoder_ids)  # o + queries
+        return (queries + out).reshape(B, num_slots, k * De)
 
     def global_latents(self, patch_embeds: Array, positions: Array, segments: Optional[Array] = None,
                        caches=None, offset=None, remat: bool = False):

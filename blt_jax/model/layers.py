@@ -96,20 +96,31 @@ class LocalMask:
         return causal_mask(pos, pos, self.window, self.segments, self.segments)
 
 
+CAUSAL_BLOCK = 128  # query block of triangular attention
+
+
 def attention(q: Array, k: Array, v: Array, mask: "Array | LocalMask") -> Array:
     """Scaled dot-product attention with GQA. q (B,T,H,D), k/v (B,S,KV,D); mask (B,T,S) bool or LocalMask.
 
-    The single place self-attention is computed, so a fused kernel can replace it. On GPU a dense mask goes
-    to `jax.nn.dot_product_attention` (cuDNN where it applies); elsewhere explicit batched matmuls are used
-    (on XLA:CPU they run 1.3-1.6x faster than the library's generic path). A LocalMask over a sequence of
-    several windows uses block-local attention: S x 2W scores instead of S x S. Rows with no visible key
-    get a uniform average (as transformers' additive finfo.min masks do); callers never read such rows.
+    The single place self-attention is computed, so a fused kernel can replace it. A LocalMask (a sliding
+    causal window over a training window) never materialises what it masks: over several windows, block-local
+    attention computes S x 2W scores instead of S x S; otherwise query blocks skip the causal upper triangle.
+    Rows with no visible key get a uniform average (as transformers' additive finfo.min masks do); callers
+    never read such rows.
     """
     if isinstance(mask, LocalMask):
         S = k.shape[1]
         if S % mask.window == 0 and S >= 2 * mask.window:
             return _block_local_attention(q, k, v, mask)
+        if S % CAUSAL_BLOCK == 0 and S >= 2 * CAUSAL_BLOCK:
+            return _triangular_attention(q, k, v, mask)
         mask = mask.dense(S, q.shape[0])
+    return _dense_attention(q, k, v, mask)
+
+
+def _dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """On GPU `jax.nn.dot_product_attention` (cuDNN where it applies); elsewhere explicit batched matmuls
+    (on XLA:CPU 1.3-1.6x faster than the library's generic path)."""
     if jax.default_backend() == "gpu":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
     B, T, H, D = q.shape
@@ -119,6 +130,22 @@ def attention(q: Array, k: Array, v: Array, mask: "Array | LocalMask") -> Array:
     vt = v.transpose(0, 2, 1, 3)[:, :, None]
     probs = _masked_softmax(jnp.matmul(qt, kt.swapaxes(-1, -2)), mask[:, None, None], D).astype(v.dtype)
     return jnp.matmul(probs, vt).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def _triangular_attention(q: Array, k: Array, v: Array, mask: LocalMask) -> Array:
+    """Causal attention by query blocks: block i reads only the keys its window can reach, up to its end."""
+    B, S = q.shape[:2]
+    pos = jnp.arange(S)
+    outs = []
+    for q0 in range(0, S, CAUSAL_BLOCK):
+        q1 = q0 + CAUSAL_BLOCK
+        lo = max(0, q0 - mask.window + 1) // CAUSAL_BLOCK * CAUSAL_BLOCK
+        qp, kp = pos[q0:q1, None], pos[None, lo:q1]
+        m = jnp.broadcast_to((kp <= qp) & (qp - kp < mask.window), (B, q1 - q0, q1 - lo))
+        if mask.segments is not None:
+            m = m & (mask.segments[:, q0:q1, None] == mask.segments[:, None, lo:q1])
+        outs.append(_dense_attention(q[:, q0:q1], k[:, lo:q1], v[:, lo:q1], m))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _masked_softmax(scores: Array, mask: Array, head_dim: int) -> Array:
@@ -248,14 +275,28 @@ class CrossAttention(nnx.Module):
     def queries(self, x: Array) -> Array:
         return self.q_proj(self.q_norm(x)).reshape(x.shape[:-1] + (self.n_heads, self.head_dim))
 
-    def masked(self, x: Array, kv_states: Array, mask: Array) -> Array:
-        """Queries x (B,T,D) over kv_states (B,S,D) with a dense mask (B,T,S)."""
-        k, v = self.keys_values(kv_states)
-        out = attention(self.queries(x), k, v, mask)
-        return self.o_proj(out.reshape(x.shape[:-1] + (-1,))) + x
+    def segmented(self, x: Array, kv_states: Array, ids: Array) -> Array:
+        """Patch queries attend only their own bytes. x (B, P, N, D): N queries per patch; kv_states (B, S, D);
+        ids (B, S): the patch of each byte (P = a byte in no patch). Scores exist only for (byte, own patch)
+        pairs, so the cost is linear in S (a dense patch-by-byte mask would cost P x S); the softmax over each
+        patch's bytes is taken with segment reductions. Patches without bytes get o = 0."""
+        B, P, N, _ = x.shape
+        KV, g, hd = self.kv_heads, self.n_heads // self.kv_heads, self.head_dim
+        q = self.queries(x).reshape(B, P, N, KV, g, hd)
+        q = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # slot P: bytes in no patch
+        k, v = self.keys_values(kv_states)  # (B, S, KV, hd)
+        q_t = jnp.take_along_axis(q, ids[:, :, None, None, None, None], axis=1)  # (B, S, N, KV, g, hd)
+        logits = jnp.einsum("bsnkgd,bskd->bsnkg", q_t, k).astype(jnp.float32) * (hd ** -0.5)
+        per_patch = lambda f: jax.vmap(lambda d, i: f(d, i, num_segments=P + 1))  # noqa: E731
+        peak = jax.lax.stop_gradient(per_patch(jax.ops.segment_max)(logits, ids))
+        e = jnp.exp(logits - jnp.take_along_axis(peak, ids[:, :, None, None, None], axis=1))
+        denom = per_patch(jax.ops.segment_sum)(e, ids)[:, :P]
+        num = per_patch(jax.ops.segment_sum)(e[..., None] * v[:, :, None, :, None, :].astype(jnp.float32), ids)[:, :P]
+        out = (num / jnp.maximum(denom, 1e-30)[..., None]).astype(x.dtype).reshape(B, P, N, -1)
+        return self.o_proj(out) + x
 
-    def gathered(self, x: Array, k: Array, v: Array, mask: Optional[Array] = None) -> Array:
-        """Each query position attends only its own keys: x (B,T,D), k/v (B,T,N,KV,hd), mask (B,T,N).
+    def gathered(self, x: Array, k: Array, v: Array) -> Array:
+        """Each query position attends only its own keys: x (B,T,D), k/v (B,T,N,KV,hd).
 
         Equal to masked attention over all keys with a mask that admits only these, at a fraction of the cost.
         """
@@ -264,8 +305,6 @@ class CrossAttention(nnx.Module):
         g = self.n_heads // self.kv_heads
         qg = q.reshape(B, T, self.kv_heads, g, self.head_dim)
         logits = jnp.einsum("btkgd,btnkd->btkgn", qg, k).astype(jnp.float32) * (self.head_dim ** -0.5)
-        if mask is not None:
-            logits = jnp.where(mask[:, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("btkgn,btnkd->btkgd", probs, v).reshape(B, T, -1)
         return self.o_proj(out) + x
