@@ -135,6 +135,24 @@ class PatchingConfig:
 
 
 @dataclass(frozen=True)
+class DiffusionConfig:
+    """BLT-D: the block-wise masked-diffusion objective added to next-byte prediction (block_size 0 = off)."""
+
+    block_size: int = 0  # B bytes per block, one block per patch after the first (paper: 4, 8, 16)
+    t_min: float = 1e-3  # t ~ U(t_min, 1) per example: bounds the 1/t weight of the masked loss
+    weight: float = 1.0  # L = L_clean + weight * L_mask (the paper's unweighted sum: 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.block_size > 0
+
+    def validate(self, name: str) -> None:
+        _check(self.block_size >= 0, f"{name}.block_size", f"must be >= 0 (0 = plain BLT), got {self.block_size}")
+        _check(0.0 < self.t_min < 1.0, f"{name}.t_min", f"must lie in (0, 1), got {self.t_min}")
+        _check(self.weight >= 0.0, f"{name}.weight", f"must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
 class BLTConfig:
     """The Byte Latent Transformer; parameter layout matches transformers' `BltForCausalLM`."""
 
@@ -151,6 +169,7 @@ class BLTConfig:
     hash_vocab: int = 500_002
     hash_functions: int = 1
     document_masking: bool = True  # attention never crosses a BOS (document start)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     @property
     def global_input_dim(self) -> int:
@@ -166,6 +185,7 @@ class BLTConfig:
         self.decoder.validate(f"{name}.decoder")
         self.entropy_model.validate(f"{name}.entropy_model")
         self.patching.validate(f"{name}.patching")
+        self.diffusion.validate(f"{name}.diffusion")
         _check(self.decoder.dim == self.encoder.dim, f"{name}.decoder.dim",
                f"must equal encoder.dim={self.encoder.dim} (the decoder consumes encoder byte states), got {self.decoder.dim}")
         _check(self.vocab_size >= 260, f"{name}.vocab_size", f"must be >= 260, got {self.vocab_size}")

@@ -1,5 +1,6 @@
-"""Training objectives as pure functions of (model, batch): next-byte cross entropy for BLT and for the
-entropy model. Each returns the summed loss and the per-batch statistics the trainer logs."""
+"""Training objectives as pure functions of (model, batch, rng): next-byte cross entropy for BLT and for
+the entropy model. Each returns (the scalar loss to differentiate, statistics); the statistics always hold
+`nll_sum` and `bytes` (summed next-byte NLL in nats and bytes counted), from which bits per byte follow."""
 
 from __future__ import annotations
 
@@ -23,21 +24,22 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def entropy_model_loss(model: EntropyModel, batch: dict, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
+def entropy_model_loss(model: EntropyModel, batch: dict, rng: jax.Array, remat: bool, dtype,
+                       max_patches=None) -> tuple[jax.Array, dict]:
     logits, _ = model(batch["tokens"], remat=remat, dtype=dtype)
     nll, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return nll, {"nll_sum": nll, "bytes": count}
+    return nll / jnp.maximum(count, 1.0), {"nll_sum": nll, "bytes": count}
 
 
-def blt_loss(model: BLT, batch: dict, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
+def blt_loss(model: BLT, batch: dict, rng: jax.Array, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
     """Every position of the N-byte window predicts its next byte (N + 1 bytes were read)."""
     logits, ids = model(batch["tokens"], batch["patch_starts"], max_patches=max_patches, remat=remat, dtype=dtype)
     mask = batch["loss_mask"] * ids.valid
     nll, count = cross_entropy(logits, batch["targets"], mask)
     S = batch["tokens"].shape[1]
     nonempty = jnp.sum(batch["patch_starts"][:, :S] & ids.valid)
-    return nll, {"nll_sum": nll, "bytes": count, "patches": nonempty.astype(jnp.float32),
-                 "dropped_bytes": jnp.sum(1.0 - ids.valid.astype(jnp.float32))}
+    return nll / jnp.maximum(count, 1.0), {"nll_sum": nll, "bytes": count, "patches": nonempty.astype(jnp.float32),
+                                            "dropped_bytes": jnp.sum(1.0 - ids.valid.astype(jnp.float32))}
 
 
 LOSSES: dict[str, Any] = {"entropy": entropy_model_loss, "blt": blt_loss}

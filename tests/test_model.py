@@ -245,6 +245,6 @@ def test_remat_gives_identical_gradients():
              "patch_starts": jnp.zeros((2, 33), bool).at[:, ::4].set(True).at[:, 1].set(True)}
 
     def grad(remat):
-        return jax.jit(jax.grad(lambda p: blt_loss(nnx.merge(graphdef, p), batch, remat, jnp.float32)[0]))(params)
+        return jax.jit(jax.grad(lambda p: blt_loss(nnx.merge(graphdef, p), batch, None, remat, jnp.float32)[0]))(params)
 
     chex.assert_trees_all_close(grad(True), grad(False), atol=1e-5)

@@ -172,6 +172,8 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
                 elapsed = max(now - last_log_time, 1e-9) if step > last_log_step else None
                 row = {"loss": m["loss"], "bits_per_byte": m["bits_per_byte"], "grad_norm": m["grad_norm"],
                        "learning_rate": m["learning_rate"]}
+                # objective-specific terms (e.g. BLT-D's masked-diffusion loss) travel as `log_<name>`
+                row.update({k[4:]: m[k] for k in m if k.startswith("log_")})
                 patch_len = 1.0
                 if "patches" in m:
                     patch_len = float(m["bytes"]) / max(float(m["patches"]), 1.0)

@@ -59,21 +59,24 @@ def make_step_fns(kind: str, graphdef: nnx.GraphDef, tx: optax.GradientTransform
     loss_impl = LOSSES[kind]
     dtype = jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32
 
-    def loss_fn(params, batch, remat, max_patches=None):
+    base_key = jax.random.key(tc.seed)
+
+    def loss_fn(params, batch, rng, remat, max_patches=None):
         model = nnx.merge(graphdef, cast_floating(params, dtype) if dtype != jnp.float32 else params)
-        nll, stats = loss_impl(model, batch, remat, dtype, max_patches)
-        return nll / jnp.maximum(stats["bytes"], 1.0), stats
+        return loss_impl(model, batch, rng, remat, dtype, max_patches)
 
     def train_step(state: TrainState, batch: dict):
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, tc.remat)
+        rng = jax.random.fold_in(base_key, state.step)  # per-step randomness (BLT-D corruption): resumable
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, tc.remat)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(stats, loss=loss, bits_per_byte=loss / LN2, grad_norm=optax.global_norm(grads),
+        next_byte = stats["nll_sum"] / jnp.maximum(stats["bytes"], 1.0)
+        metrics = dict(stats, loss=loss, bits_per_byte=next_byte / LN2, grad_norm=optax.global_norm(grads),
                        learning_rate=learning_rate_schedule(tc)(state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params, batch):
-        _, stats = loss_fn(params, batch, False, eval_max_patches)
+        _, stats = loss_fn(params, batch, jax.random.key(0), False, eval_max_patches)
         return stats
 
     return StepFns(train_step=jax.jit(train_step, donate_argnums=0), eval_step=jax.jit(eval_step))
