@@ -18,7 +18,17 @@ def _run_config(args) -> RunConfig:
     overrides = list(args.set or [])
     if getattr(args, "store", None):
         overrides.append(f"data.path={json.dumps(args.store)}")
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    objective, block_size = getattr(args, "objective", None), getattr(args, "block_size", None)
+    if objective == "next-byte" and block_size is not None:
+        raise ConfigError("--block-size: only the blt-d objective has blocks")
+    if objective == "next-byte":
+        block_size = 0
+    elif objective == "blt-d" and block_size is None:
+        block_size = cfg.model.diffusion.block_size or 4  # the config's blocks, else BLT-D-4
+    if block_size is None:
+        return cfg
+    return apply_overrides(cfg, [f"model.diffusion.block_size={block_size}"])
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -187,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run", required=True, help="run directory (resumes automatically if it holds checkpoints)")
     t.add_argument("--store", help="data store root, made by `blt prepare` (sets data.path)")
     t.add_argument("--entropy-run", help="entropy-model run (default: the one recorded in the data store)")
+    t.add_argument("--objective", choices=("next-byte", "blt-d"),
+                   help="next-byte: plain BLT; blt-d: BLT plus the block masked-diffusion loss of Fast BLT "
+                        "(default: the config's model.diffusion.block_size decides)")
+    t.add_argument("--block-size", type=int, choices=(4, 8, 16),
+                   help="BLT-D block size B (implies --objective blt-d; default: the config's, else 4)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 

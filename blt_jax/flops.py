@@ -61,4 +61,7 @@ def train_flops_per_byte(model_cfg: BLTConfig | EntropyModelConfig, seq_len: int
     """Forward + backward (3 x forward) FLOPs per trained byte."""
     if isinstance(model_cfg, EntropyModelConfig):
         return 3 * lm_forward_flops_per_token(model_cfg, seq_len)
-    return 3 * blt_forward_flops_per_byte(model_cfg, seq_len, patch_len)["total"]
+    per_byte = blt_forward_flops_per_byte(model_cfg, seq_len, patch_len)
+    # BLT-D decodes one block of B cells per patch besides the bytes: about B / patch_len decoder positions more
+    cells = model_cfg.diffusion.block_size / patch_len
+    return 3 * (per_byte["total"] + cells * per_byte["decoder"])

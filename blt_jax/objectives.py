@@ -1,6 +1,7 @@
 """Training objectives as pure functions of (model, batch, rng): next-byte cross entropy for BLT and for
-the entropy model. Each returns (the scalar loss to differentiate, statistics); the statistics always hold
-`nll_sum` and `bytes` (summed next-byte NLL in nats and bytes counted), from which bits per byte follow."""
+the entropy model, and BLT-D's next-byte + masked-diffusion objective. Each returns (the scalar loss to
+differentiate, statistics); the statistics always hold `nll_sum` and `bytes` (summed next-byte NLL in nats
+and bytes counted), from which bits per byte follow."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from blt_jax import diffusion
 from blt_jax.model.blt import BLT
 from blt_jax.model.entropy_model import EntropyModel
 
@@ -31,9 +33,8 @@ def entropy_model_loss(model: EntropyModel, batch: dict, rng: jax.Array, remat: 
     return nll / jnp.maximum(count, 1.0), {"nll_sum": nll, "bytes": count}
 
 
-def blt_loss(model: BLT, batch: dict, rng: jax.Array, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
-    """Every position of the N-byte window predicts its next byte (N + 1 bytes were read)."""
-    logits, ids = model(batch["tokens"], batch["patch_starts"], max_patches=max_patches, remat=remat, dtype=dtype)
+def _next_byte(logits: jax.Array, ids, batch: dict) -> tuple[jax.Array, dict]:
+    """Mean next-byte NLL over trained bytes (bytes dropped by patch truncation excluded), and statistics."""
     mask = batch["loss_mask"] * ids.valid
     nll, count = cross_entropy(logits, batch["targets"], mask)
     S = batch["tokens"].shape[1]
@@ -42,4 +43,37 @@ def blt_loss(model: BLT, batch: dict, rng: jax.Array, remat: bool, dtype, max_pa
                                             "dropped_bytes": jnp.sum(1.0 - ids.valid.astype(jnp.float32))}
 
 
+def blt_loss(model: BLT, batch: dict, rng, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
+    """Every position of the N-byte window predicts its next byte (N + 1 bytes were read).
+
+    A model whose config enables BLT-D trains `blt_d_loss` instead, given the step's `rng`; without one
+    (evaluation) the objective is next-byte alone, so held-out bits/byte mean the same for BLT and BLT-D."""
+    if rng is not None and model.cfg.diffusion.enabled:
+        return blt_d_loss(model, batch, rng, remat, dtype, max_patches)
+    logits, ids = model(batch["tokens"], batch["patch_starts"], max_patches=max_patches, remat=remat, dtype=dtype)
+    return _next_byte(logits, ids, batch)
+
+
+def blt_d_loss(model: BLT, batch: dict, rng: jax.Array, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
+    """BLT-D: L = L_clean + weight * L_mask from one decoder pass over [clean bytes ; corrupted blocks].
+
+    L_clean is `blt_loss`'s next-byte value (clean queries never see block cells), so `nll_sum`/`bytes`
+    keep bits/byte next-byte; L_mask and its statistics come from `blt_jax.diffusion`."""
+    dc = model.cfg.diffusion
+    tokens = batch["tokens"]
+    B, N = tokens.shape
+    P = model.cfg.patching.max_patches if max_patches is None else max_patches
+    ctx = model.context(tokens, batch["patch_starts"], P, remat=remat, dtype=dtype)
+    layout = diffusion.block_layout(tokens, batch["patch_starts"], ctx.ids.valid, dc.block_size, P)
+    t_rng, mask_rng = jax.random.split(rng)
+    t = diffusion.sample_t(t_rng, B, dc.t_min)
+    cell_tokens, masked = diffusion.corrupt(layout, mask_rng, t)
+    logits = diffusion.decode_blocks(model, ctx, layout, cell_tokens, remat)
+    clean_loss, stats = _next_byte(logits[:, :N], ctx.ids, batch)
+    mask_loss, mask_stats = diffusion.masked_diffusion_loss(logits[:, N:].reshape(cell_tokens.shape + (-1,)),
+                                                            layout, masked, t)
+    return clean_loss + dc.weight * mask_loss, {**stats, **mask_stats}
+
+
+# kind -> objective; kind "blt" trains BLT-D when `model.diffusion.block_size` > 0 (see `blt_loss`)
 LOSSES: dict[str, Any] = {"entropy": entropy_model_loss, "blt": blt_loss}

@@ -11,15 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blt_jax.config import ConfigError
+from blt_jax.generation.cost import ParamsForCost, eq8_bandwidth_gb
 from blt_jax.generation.model import LoadedModel, load_run
 from blt_jax.generation.nocache import generate_nocache
 from blt_jax.generation.prompts import prepare_prompts
+from blt_jax.generation.samplers import MethodConfig, generate_cached
 from blt_jax.generation.sampling import SamplingConfig
+from blt_jax.generation.unmasking import UnmaskConfig
 from blt_jax.tokenizer import decode_bytes
 
-__all__ = ["SamplingConfig", "GenerationResult", "load", "generate", "METHODS"]
+__all__ = ["SamplingConfig", "UnmaskConfig", "GenerationResult", "load", "generate", "METHODS"]
 
-METHODS = ("ar-nocache",)
+METHODS = ("ar", "ar-nocache", "s", "d", "dv")
 
 
 @dataclass
@@ -41,30 +45,55 @@ def load(run_dir: str, step: Optional[int] = None) -> LoadedModel:
     return load_run(run_dir, step)
 
 
-def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 128, method: str = "ar-nocache",
-             sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-             stop_at_eos: bool = True) -> list[GenerationResult]:
+def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_size: Optional[int] = None,
+                  unmask: UnmaskConfig = UnmaskConfig()) -> MethodConfig:
+    if method not in METHODS or method == "ar-nocache":
+        raise ValueError(f"method: unknown cached generation method {method!r}; choose one of {METHODS}")
+    if method == "d" and not model.cfg.diffusion.enabled:
+        raise ConfigError("method: 'd' (BLT-D) needs a model trained with the diffusion objective "
+                          "(model.diffusion.block_size > 0); this one is plain BLT (try 's' or 'ar')")
+    return MethodConfig(method=method, draft_len=draft_len,
+                        block_size=block_size or model.cfg.diffusion.block_size or 8, unmask=unmask)
+
+
+def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 128, method: str = "ar",
+             sampling: SamplingConfig = SamplingConfig(), seed: int = 0, stop_at_eos: bool = True,
+             draft_len: int = 8, block_size: Optional[int] = None,
+             unmask: UnmaskConfig = UnmaskConfig()) -> list[GenerationResult]:
+    """Generate up to `max_new_bytes` after each prompt with `method`; each result carries a cost record
+    (calls per network, drafted/accepted bytes, the paper's Eq. 8 bandwidth estimate, wall-clock)."""
     if method not in METHODS:
         raise ValueError(f"method: unknown generation method {method!r}; choose one of {METHODS}")
-    batch = prepare_prompts(prompts, max_new_bytes)
+    mc = None if method == "ar-nocache" else method_config(model, method, draft_len, block_size, unmask)
+    batch = prepare_prompts(prompts, max_new_bytes, extra_positions=0 if mc is None else mc.lookahead)
     B = batch.tokens.shape[0]
     rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key_data(jax.random.key(seed)), i))(jnp.arange(B))
     max_new = np.full((B,), max_new_bytes, np.int32)
     max_new[batch.num_prompts:] = 0
+    args = (jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(max_new), rngs)
     t = time.time()
-    out = generate_nocache(model.spec, sampling, model.pytrees(), jnp.asarray(batch.tokens),
-                           jnp.asarray(batch.lengths), jnp.asarray(max_new), rngs, stop_at_eos=stop_at_eos)
-    out = jax.device_get(out)
+    if mc is None:
+        out = jax.device_get(generate_nocache(model.spec, sampling, model.pytrees(), *args, stop_at_eos=stop_at_eos))
+        lengths = out.lengths
+        calls = {k: out.forward_calls for k in ("decoder_calls", "encoder_calls", "global_calls", "entropy_calls")}
+        calls.update(drafted=np.zeros(B, int), accepted=np.zeros(B, int))
+    else:
+        st = generate_cached(model.spec, mc, sampling, model.pytrees(), *args, prompt_len=batch.prompt_len,
+                             stop_at_eos=stop_at_eos)
+        out = jax.device_get(st)
+        lengths, calls = out.length, out.counters
     seconds = time.time() - t
+    params = ParamsForCost.of(model.cfg)
     results = []
     for i, p in enumerate(prompts):
-        new = decode_bytes(out.tokens[i, batch.lengths[i]:out.lengths[i]])
-        n = int(out.lengths[i] - batch.lengths[i])
-        calls = int(out.forward_calls[i])
-        cost = {"method": method, "new_bytes": n, "decoder_calls": calls, "encoder_global_calls": calls,
-                "entropy_model_calls": calls}
+        ids = out.tokens[i, batch.lengths[i]:lengths[i]]
+        new = decode_bytes(ids)
+        row = {k: int(v[i]) for k, v in calls.items()}  # cached methods: the prompt's prefill pass included
+        cost = {"method": method, "new_bytes": len(ids), **row,
+                "acceptance_rate": row["accepted"] / row["drafted"] if row["drafted"] else None,
+                "eq8_bandwidth_gb": eq8_bandwidth_gb(row["decoder_calls"], row["global_calls"], params),
+                "seconds": seconds}
         results.append(GenerationResult(prompt=p if isinstance(p, str) else p.decode("utf-8", "replace"),
                                         text=new.decode("utf-8", errors="replace"), new_bytes=new,
-                                        seconds=seconds, cost=cost,
-                                        token_ids=out.tokens[i, batch.lengths[i]:out.lengths[i]].tolist()))
+                                        seconds=seconds, cost=cost, token_ids=ids.tolist()))
     return results

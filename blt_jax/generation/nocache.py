@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from blt_jax.generation.model import ModelSpec, last_logits
-from blt_jax.generation.sampling import SamplingConfig, choose, row_keys
+from blt_jax.generation.sampling import SamplingConfig, choose, position_keys
 from blt_jax.tokenizer import EOS_ID
 
 
@@ -31,7 +31,7 @@ def generate_nocache(spec: ModelSpec, sampling: SamplingConfig, pytrees: dict, t
     start = lengths
 
     def body(st: GenState) -> GenState:
-        nxt = choose(last_logits(spec, pytrees, st.tokens, st.lengths), row_keys(rngs, st.step), sampling)
+        nxt = choose(last_logits(spec, pytrees, st.tokens, st.lengths), position_keys(rngs, st.lengths), sampling)
         active = ~st.done
         write = jnp.where(active, nxt, st.tokens[jnp.arange(B), jnp.minimum(st.lengths, S - 1)])
         toks = st.tokens.at[jnp.arange(B), jnp.minimum(st.lengths, S - 1)].set(write)

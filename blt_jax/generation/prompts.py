@@ -24,6 +24,7 @@ class PromptBatch:
     tokens: np.ndarray  # (B_bucket, S_bucket) int32, right-padded with BOE
     lengths: np.ndarray  # (B_bucket,) int32: BOS + prompt bytes
     num_prompts: int  # rows past this are padding
+    prompt_len: int  # the prompt bucket (<= S_bucket): what a cached sampler prefills as one chunk
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -62,4 +63,5 @@ def prepare_prompts(prompts: Sequence[str | bytes], max_new_bytes: int, extra_po
         r = rows[min(i, len(rows) - 1)]
         tokens[i, : len(r)] = r
         lengths[i] = len(r)
-    return PromptBatch(tokens, lengths, len(rows))
+    # the prefill chunk: a length bucket of its own, leaving the sampler's lookahead free after it
+    return PromptBatch(tokens, lengths, len(rows), min(S - extra_positions, bucket_for(int(lengths.max()))))

@@ -50,20 +50,27 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
 
 
 def choose(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """logits (B, V) float32, keys (B, 2) -> ids (B,) int32."""
-    logits = restrict(logits.astype(jnp.float32), cfg)
+    """logits (..., V) float32, keys (..., 2) -> ids (...) int32."""
+    lead = logits.shape[:-1]
+    logits = restrict(logits.reshape(-1, logits.shape[-1]).astype(jnp.float32), cfg)
     if cfg.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32).reshape(lead)
     logits = logits / cfg.temperature
     if cfg.top_k:
         kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if cfg.top_p < 1.0:
         logits = top_p_filter(logits, cfg.top_p)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    ids = jax.vmap(jax.random.categorical)(keys.reshape(-1, keys.shape[-1]), logits)
+    return ids.astype(jnp.int32).reshape(lead)
 
 
-def row_keys(rngs: jax.Array, step: jax.Array) -> jax.Array:
-    """Per-row keys (B, 2) for one step, from each row's own base key: a row's randomness depends on its
-    seed and step only, never on the other rows of the batch."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, step))(rngs)
+def position_keys(rngs: jax.Array, positions: jax.Array) -> jax.Array:
+    """Keys (..., 2) for choosing the byte at `positions` (B, ...) of each row, from the row's base key (B, 2).
+
+    Keyed by position, not by step: every method (no-cache, cached, speculative, diffusion-verified) draws
+    the byte at a position with the same noise, so under sampling they produce identical text whenever they
+    see identical logits, and a row's randomness never depends on the other rows of its batch."""
+    flat = positions.reshape(positions.shape[0], -1)
+    keys = jax.vmap(lambda k, ps: jax.vmap(lambda p: jax.random.fold_in(k, p))(ps))(rngs, flat)
+    return keys.reshape(positions.shape + keys.shape[-1:])

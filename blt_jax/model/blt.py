@@ -14,7 +14,7 @@ any fixed latent.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,21 @@ from blt_jax.config import BLTConfig
 from blt_jax.model.hashing import PRIMES, ngram_hash_ids
 from blt_jax.model.layers import (Block, CrossAttention, Embed, Linear, RMSNorm, rope_tables, run_block,
                                   run_layers, self_attention_mask)
-from blt_jax.patching import patch_ids
+from blt_jax.patching import PatchIds, patch_ids
 from blt_jax.tokenizer import BOS_ID
 
 Array = jax.Array
+
+
+class WindowContext(NamedTuple):
+    """The decoder's inputs for one window: byte states, latent keys/values and the bookkeeping around them."""
+
+    h: Array  # (B, S, De) encoder byte states: the decoder's input
+    cross_kv: list  # per decoder cross-attention layer, latent keys/values (see `BLT.decoder_cross_kv`)
+    ids: PatchIds
+    positions: Array  # (B, S)
+    segments: Optional[Array]  # (B, S) document ids, or None without document masking
+    contiguous: bool  # positions are 0..S-1
 
 
 class LocalEncoder(nnx.Module):
@@ -164,12 +175,10 @@ class BLT(nnx.Module):
         return logits, (new_caches if caches is not None else None)
 
     # ---- the whole model -----------------------------------------------------------------------------
-    def __call__(self, tokens: Array, patch_starts: Array, max_patches: Optional[int] = None,
-                 positions: Optional[Array] = None, remat: bool = False, dtype=jnp.float32):
-        """Teacher-forced forward. tokens (B, S); patch_starts (B, S + 1) bool (see `blt_jax.patching`).
-
-        Returns (logits (B, S, V) float32, PatchIds). Bytes past `max_patches` patches are not pooled and
-        marked invalid in the PatchIds (their logits are meaningless)."""
+    def context(self, tokens: Array, patch_starts: Array, max_patches: Optional[int] = None,
+                positions: Optional[Array] = None, remat: bool = False, dtype=jnp.float32) -> WindowContext:
+        """Encoder, patch pooling and global model over a window: everything the decoder reads. Split from
+        `__call__` so BLT-D's training layout decodes more than the window's bytes against the same latents."""
         cfg = self.cfg
         B, S = tokens.shape
         P = cfg.patching.max_patches if max_patches is None else max_patches
@@ -189,8 +198,16 @@ class BLT(nnx.Module):
             seg_of = jax.vmap(lambda s, i: jax.ops.segment_max(s, i, num_segments=P + 1))(seg, ids.encoder_ids)
             patch_seg = jax.lax.cummax(jnp.maximum(seg_of[:, :P], 0), axis=1)
         latents, _ = self.global_latents(patches, patch_pos, patch_seg, remat=remat)
+        return WindowContext(h, self.decoder_cross_kv(latents), ids, positions, seg, contiguous)
 
-        cross_kv = self.decoder_cross_kv(latents)
-        logits, _ = self.decode(h, positions, cross_kv, ids.decoder_ids, segments=seg, remat=remat,
-                                contiguous=contiguous)
-        return logits, ids
+    def __call__(self, tokens: Array, patch_starts: Array, max_patches: Optional[int] = None,
+                 positions: Optional[Array] = None, remat: bool = False, dtype=jnp.float32):
+        """Teacher-forced forward. tokens (B, S); patch_starts (B, S + 1) bool (see `blt_jax.patching`).
+
+        Returns (logits (B, S, V) float32, PatchIds). Bytes past `max_patches` patches are not pooled and
+        marked invalid in the PatchIds (their logits are meaningless)."""
+        ctx = self.context(tokens, patch_starts, max_patches, positions, remat, dtype)
+        logits, _ = self.decode(ctx.h, ctx.positions, ctx.cross_kv, ctx.ids.decoder_ids, segments=ctx.segments,
+                                remat=remat, contiguous=ctx.contiguous)
+        return logits, ctx.ids
+

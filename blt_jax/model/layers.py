@@ -99,8 +99,9 @@ class LocalMask:
 CAUSAL_BLOCK = 128  # query block of triangular attention
 
 
-def attention(q: Array, k: Array, v: Array, mask: "Array | LocalMask") -> Array:
-    """Scaled dot-product attention with GQA. q (B,T,H,D), k/v (B,S,KV,D); mask (B,T,S) bool or LocalMask.
+def attention(q: Array, k: Array, v: Array, mask: "Array | LocalMask | BlockDiffusionMask") -> Array:
+    """Scaled dot-product attention with GQA. q (B,T,H,D), k/v (B,S,KV,D); mask (B,T,S) bool, LocalMask, or
+    BLT-D's BlockDiffusionMask (`blt_jax.model.block_attention`).
 
     The single place self-attention is computed, so a fused kernel can replace it. A LocalMask (a sliding
     causal window over a training window) never materialises what it masks: over several windows, block-local
@@ -108,6 +109,10 @@ def attention(q: Array, k: Array, v: Array, mask: "Array | LocalMask") -> Array:
     Rows with no visible key get a uniform average (as transformers' additive finfo.min masks do); callers
     never read such rows.
     """
+    from blt_jax.model import block_attention  # noqa: PLC0415 (it builds on this module)
+
+    if isinstance(mask, block_attention.BlockDiffusionMask):
+        return block_attention.block_diffusion_attention(q, k, v, mask)
     if isinstance(mask, LocalMask):
         S = k.shape[1]
         if S % mask.window == 0 and S >= 2 * mask.window:

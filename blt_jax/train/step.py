@@ -76,7 +76,7 @@ def make_step_fns(kind: str, graphdef: nnx.GraphDef, tx: optax.GradientTransform
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params, batch):
-        _, stats = loss_fn(params, batch, jax.random.key(0), False, eval_max_patches)
+        _, stats = loss_fn(params, batch, None, False, eval_max_patches)  # no rng: next-byte only (BLT-D too)
         return stats
 
     return StepFns(train_step=jax.jit(train_step, donate_argnums=0), eval_step=jax.jit(eval_step))

@@ -1,0 +1,296 @@
+"""BLT-D training: the block layout on the paper's worked example, the block attention against a dense
+reference and rule by rule, exactly zero gradient from a masked cell into its clean copy and the block's
+suffix, the loss and its normalisation, and a trained leak regression (training vs inference layout)."""
+
+import dataclasses
+import sysconfig
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from blt_jax import diffusion, prepare
+from blt_jax.cli import main
+from blt_jax.data import pipeline
+from blt_jax.model import build
+from blt_jax.model.block_attention import BlockDiffusionMask
+from blt_jax.model.layers import _dense_attention, attention
+from blt_jax.objectives import blt_d_loss, blt_loss
+from blt_jax.patching import patch_ids
+from blt_jax.tokenizer import BLOCK_PAD_ID, BOS_ID, MASK_ID
+from blt_jax.train.loop import load_trained_params, resolve_task, train
+from conftest import tiny_config
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+P = 40  # the tiny preset's patch slots
+
+
+def worked_example(block_size=4, max_patches=5):
+    """`paper-digest.md` §1.3.7: bytes 0..9, patches {0}, {1,2,3}, {4,5}, {6,7,8,9} (+ the trailing empty one)."""
+    tokens = jnp.asarray([[BOS_ID] + list(range(100, 109))])
+    starts = np.zeros((1, 11), bool)
+    starts[0, [0, 1, 4, 6, 10]] = True
+    ids = patch_ids(jnp.asarray(starts), max_patches)
+    return tokens, jnp.asarray(starts), ids, diffusion.block_layout(tokens, jnp.asarray(starts), ids.valid,
+                                                                   block_size, max_patches)
+
+
+def test_block_layout_on_the_papers_worked_example():
+    tokens, _, ids, lay = worked_example()
+    assert lay.starts.tolist() == [[1, 4, 6, 10]]  # blocks of patches 1..3; the trailing empty patch: none
+    assert lay.positions[0, :3].tolist() == [[1, 2, 3, 4], [4, 5, 6, 7], [6, 7, 8, 9]]
+    assert lay.targets[0].tolist() == [[100, 101, 102, 103], [103, 104, 105, 106], [105, 106, 107, 108],
+                                       [BLOCK_PAD_ID] * 4]
+    assert lay.live[0].tolist() == [[True] * 4] * 3 + [[False] * 4]
+    assert lay.cross_ids[0, :3, 0].tolist() == [0, 1, 2]  # o1, o2, o3: the latent before each block's start
+    assert ids.decoder_ids[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]  # clean bytes: the BLT rule
+
+    _, _, _, wide = worked_example(block_size=6)  # blocks run past the window's end: [PAD], no target
+    assert wide.targets[0, 2].tolist() == [105, 106, 107, 108, BLOCK_PAD_ID, BLOCK_PAD_ID]
+    assert wide.live[0, 2].tolist() == [True] * 4 + [False] * 2
+    _, _, ids3, cut = worked_example(max_patches=3)  # patch {6..9} truncated: its bytes are no targets
+    assert cut.starts.tolist() == [[1, 4]] and not bool(ids3.valid[0, 6])
+    assert cut.live[0, 1].tolist() == [True, True, False, False]
+
+
+def test_worked_example_mask_follows_the_rules():
+    """Block b2 (positions 4-7) sees clean bytes 0-3 and its own four cells; clean bytes never see cells."""
+    _, _, _, lay = worked_example()
+    m = np.asarray(BlockDiffusionMask(positions=lay.positions, segments=None, window=None).dense(10))[0]
+    assert m.shape == (26, 26)
+    assert (m[:10, :10] == np.tril(np.ones((10, 10), bool))).all() and not m[:10, 10:].any()
+    for j, s in enumerate([1, 4, 6, 10]):
+        rows = m[10 + 4 * j: 14 + 4 * j]
+        assert rows[:, :s].all() and not rows[:, s:10].any(), j  # clean < s_i only
+        own = np.zeros(16, bool)
+        own[4 * j: 4 * j + 4] = True
+        assert (rows[:, 10:] == own[None]).all(), j  # its own block, in both directions
+
+
+@pytest.mark.parametrize("window,N,with_segments,kv_heads", [
+    (None, 40, False, 2), (16, 40, True, 1), (64, 64, True, 2), (8, 64, False, 4)])
+def test_block_attention_equals_dense_masked_attention(window, N, with_segments, kv_heads):
+    B, nb, Bk, H, D = 2, 6, 4, 4, 8
+    rng = np.random.default_rng(0)
+    starts = np.sort(np.stack([rng.choice(np.arange(1, N), nb, replace=False) for _ in range(B)]), axis=1)
+    starts[:, -1] = N  # a slot without a block
+    starts[:, 0] = 1  # a block inside the first window
+    seg = jnp.asarray(np.cumsum(rng.random((B, N)) < 0.08, axis=1)) if with_segments else None
+    mask = BlockDiffusionMask(positions=jnp.asarray(starts[:, :, None] + np.arange(Bk)), segments=seg, window=window)
+    T = N + nb * Bk
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (B, T, H, D))
+    k, v = jax.random.normal(kk, (B, T, kv_heads, D)), jax.random.normal(kv, (B, T, kv_heads, D))
+    fast, dense, reference = jax.jit(lambda q, k, v, m: (attention(q, k, v, m), m.dense(N),
+                                                          _dense_attention(q, k, v, m.dense(N))))(q, k, v, mask)
+    np.testing.assert_allclose(fast, reference, atol=2e-6)
+
+    # the reference mask itself, rule by rule
+    d, seg = np.asarray(dense), None if seg is None else np.asarray(seg)
+    pos = np.arange(N)
+    clean = pos[None, :] <= pos[:, None]
+    if window:
+        clean &= pos[:, None] - pos[None, :] < window
+    for b in range(B):
+        same_doc = True if seg is None else seg[b][:, None] == seg[b][None, :]
+        assert (d[b, :N, :N] == (clean & same_doc)).all() and not d[b, :N, N:].any()  # never a cell
+        for j, s in enumerate(starts[b]):
+            for c in range(Bk):
+                row = d[b, N + j * Bk + c]
+                want = (pos < s) & ((s + c - pos < window) if window else True)
+                if seg is not None:
+                    want &= seg[b] == seg[b, s - 1]
+                assert (row[:N] == want).all(), (b, j, c)
+                assert (row[N:] == (np.arange(nb * Bk) // Bk == j)).all(), (b, j, c)
+
+
+# ---- a random tiny BLT-D ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_blt_d(tmp_path_factory):
+    cfg = tiny_config(str(tmp_path_factory.mktemp("unused")), "model.patching.threshold=4.5",
+                      "model.diffusion.block_size=4").model
+    graphdef, params = build(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    B, N = 3, 64
+    tokens = rng.integers(4, 260, (B, N))
+    tokens[:, 0] = BOS_ID
+    tokens[1, 29] = BOS_ID  # a second document inside the window
+    starts = rng.random((B, N + 1)) < 0.3
+    starts[:, :2] = True
+    starts[1, 29:31] = True
+    starts[2, 50:] = False  # a long patch: blocks of patch slots that do not exist
+    tokens = jnp.asarray(tokens)
+    batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "loss_mask": jnp.ones((B, N)),
+             "patch_starts": jnp.asarray(starts)}
+    return cfg, graphdef, params, batch
+
+
+def _layout_and_cells(model, batch, t=0.5, seed=3):
+    ctx = model.context(batch["tokens"], batch["patch_starts"], P)
+    lay = diffusion.block_layout(batch["tokens"], batch["patch_starts"], ctx.ids.valid, model.cfg.diffusion.block_size, P)
+    cells, masked = diffusion.corrupt(lay, jax.random.key(seed), jnp.full((batch["tokens"].shape[0],), t))
+    return ctx, lay, cells, masked
+
+
+def test_training_layout_equals_inference_layout(random_blt_d):
+    """Each block's logits in the training layout equal those of the block decoded alone after its truncated
+    prefix, as generation does: the training layout can see nothing generation cannot."""
+    _, graphdef, params, batch = random_blt_d
+
+    @jax.jit
+    def both(params):
+        model = nnx.merge(graphdef, params)
+        ctx, lay, cells, masked = _layout_and_cells(model, batch)
+        N = batch["tokens"].shape[1]
+        train_layout = diffusion.decode_blocks(model, ctx, lay, cells)[:, N:].reshape(cells.shape + (-1,))
+        inference = diffusion.inference_layout_logits(model, batch["tokens"], batch["patch_starts"], lay, cells, P)
+        return train_layout, inference, lay.live, masked
+
+    train_layout, inference, live, masked = both(params)
+    assert int(masked.sum()) > 50
+    gap = jnp.max(jnp.abs(train_layout - inference) * live[..., None])
+    assert float(gap) < 1e-4, float(gap)
+
+
+def test_masked_cell_gets_no_gradient_from_its_clean_copy_or_later_bytes(random_blt_d):
+    """d(CE of a masked cell of block s_i) / d(decoder input of clean byte j) is exactly 0 for j >= s_i (its
+    own clean copy included) and non-zero for every j < s_i (one document, window = N in the tiny preset)."""
+    _, graphdef, params, batch = random_blt_d
+    N = batch["tokens"].shape[1]
+    row = 0
+    chosen = [(j, c) for j in (0, 3, 8) for c in (0, 3)]  # first and last cell of a few blocks
+
+    @jax.jit
+    def jacobian(params):
+        model = nnx.merge(graphdef, params)
+        ctx, lay, cells, masked = _layout_and_cells(model, batch, t=1.0)
+
+        def cell_losses(h_clean):  # the decoder input of row `row`'s clean bytes -> the chosen cells' CE
+            ctx_h = ctx._replace(h=ctx.h.at[row].set(h_clean))
+            logits = diffusion.decode_blocks(model, ctx_h, lay, cells)[row, N:].reshape(cells.shape[1:] + (-1,))
+            logp = jax.nn.log_softmax(logits)
+            return jnp.stack([-logp[j, c, lay.targets[row, j, c]] for j, c in chosen])
+
+        return jax.jacrev(cell_losses)(ctx.h[row]), lay.starts, masked  # (cells, N, D)
+
+    jac, starts, masked = map(np.asarray, jacobian(params))
+    for (j, c), g in zip(chosen, jac):
+        s = int(starts[row, j])
+        assert masked[row, j, c] and s + c < N
+        norms = np.abs(g).sum(-1)
+        assert (norms[s:] == 0).all(), (j, c, s, np.nonzero(norms[s:]))
+        assert (norms[:s] > 0).all(), (j, c, s)
+
+
+def test_masked_loss_is_the_weighted_masked_cross_entropy():
+    _, _, _, lay = worked_example()
+    lay = jax.tree.map(lambda x: jnp.concatenate([x, x]), lay)  # two examples with different t
+    cells, masked = diffusion.corrupt(lay, jax.random.key(0), jnp.array([1.0, 1.0]))
+    assert (masked == lay.live).all() and (cells[~lay.live] == BLOCK_PAD_ID).all()  # [PAD] is never masked
+    assert (cells[lay.live] == MASK_ID).all()
+    masked = masked & (jnp.arange(4)[None, None, :] % 2 == 0)
+    t = jnp.array([0.25, 0.8])
+    logits = jax.random.normal(jax.random.key(1), lay.targets.shape + (260,))
+    loss, stats = diffusion.masked_diffusion_loss(logits, lay, masked, t)
+
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    targets, m = np.asarray(lay.targets), np.asarray(masked)
+    want = correct = 0.0
+    for e, j, c in zip(*np.nonzero(m)):
+        want += -logp[e, j, c, targets[e, j, c]] / float(t[e])
+        correct += float(np.argmax(logp[e, j, c]) == targets[e, j, c])
+    live, n_masked = int(lay.live.sum()), int(masked.sum())
+    assert live == 24 and n_masked == 12
+    np.testing.assert_allclose(float(loss), want / live, rtol=1e-6)
+    np.testing.assert_allclose(float(stats["log_masked_accuracy"]), correct / n_masked)
+    np.testing.assert_allclose(float(stats["log_mask_rate"]), n_masked / live)
+    garbage = jnp.where(lay.live[..., None], logits, 1e4 * jnp.arange(260.0))  # [PAD] cells never count
+    np.testing.assert_allclose(float(diffusion.masked_diffusion_loss(garbage, lay, masked, t)[0]), float(loss), rtol=1e-6)
+
+
+def test_blt_d_loss_is_next_byte_plus_weighted_masked_loss(random_blt_d):
+    cfg, graphdef, params, batch = random_blt_d
+    plain_graphdef, _ = build(dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, block_size=0)))
+    rng = jax.random.key(7)
+
+    @jax.jit
+    def losses(params):
+        plain = nnx.merge(plain_graphdef, params)
+        blt_d = nnx.merge(graphdef, params)
+        return (blt_loss(plain, batch, rng, False, jnp.float32), blt_loss(plain, batch, None, False, jnp.float32),
+                blt_loss(blt_d, batch, rng, False, jnp.float32), blt_d_loss(blt_d, batch, rng, False, jnp.float32),
+                blt_loss(blt_d, batch, None, False, jnp.float32))
+
+    (p_rng, p_stats), (p_none, _), (d_loss, d_stats), (direct, _), (d_eval, d_eval_stats) = losses(params)
+    assert float(p_rng) == float(p_none) == float(d_eval)  # block_size 0, or no rng (evaluation): next-byte
+    assert float(direct) == float(d_loss)
+    clean = d_stats["nll_sum"] / d_stats["bytes"]
+    np.testing.assert_allclose(float(clean), float(p_rng), rtol=1e-5)  # L_clean is plain BLT's loss
+    np.testing.assert_allclose(float(d_stats["nll_sum"]), float(p_stats["nll_sum"]), rtol=1e-5)
+    np.testing.assert_allclose(float(d_loss), float(clean + cfg.diffusion.weight * d_stats["log_diffusion_loss"]),
+                               rtol=1e-6)
+    assert 0 < float(d_stats["log_mask_rate"]) < 1 and float(d_stats["log_diffusion_loss"]) > 0
+
+
+# ---- trained: the leak regression --------------------------------------------------------------------------------
+
+def _leaky_block_mask(layout, segments, window):
+    print("LEAKY TRACE")
+    """A deliberate leak: block cells also see the clean byte at their own position (their target)."""
+    honest = BlockDiffusionMask(positions=layout.positions, segments=segments, window=window)
+    B, N = segments.shape
+    dense = honest.dense(N)
+    cell_pos = layout.positions.reshape(B, -1)
+    own = (cell_pos[:, :, None] == jnp.arange(N)[None, None, :])
+    return dense.at[:, N:, :N].set(dense[:, N:, :N] | own)
+
+
+def _masked_accuracies(cfg, run_dir, root):
+    """Masked accuracy (t = 0.5) in the training layout and in the inference layout on held-out windows,
+    and the accuracy of always guessing the most frequent masked byte (chance)."""
+    task = resolve_task("blt", cfg)
+    batches = pipeline.make_eval_batches(task.cfg.data, "heldout", task.train_transform, task.fields, num_batches=2)
+    graphdef, _ = build(cfg.model)
+    params = load_trained_params(run_dir)
+
+    @jax.jit
+    def counts(params, batch):
+        model = nnx.merge(graphdef, params)
+        ctx, lay, cells, masked = _layout_and_cells(model, batch)
+        N = batch["tokens"].shape[1]
+        train_layout = diffusion.decode_blocks(model, ctx, lay, cells)[:, N:].reshape(cells.shape + (-1,))
+        inference = diffusion.inference_layout_logits(model, batch["tokens"], batch["patch_starts"], lay, cells, P)
+        hist = jnp.zeros(260).at[lay.targets].add(masked.astype(jnp.float32))
+        return (diffusion.masked_accuracy(train_layout, lay, masked)[0],
+                diffusion.masked_accuracy(inference, lay, masked)[0], masked.sum(), hist)
+
+    totals = [sum(x) for x in zip(*(counts(params, pipeline_batch) for pipeline_batch in
+                                    ({k: jnp.asarray(v) for k, v in b.items()} for b in batches)))]
+    n = float(totals[2])
+    return float(totals[0]) / n, float(totals[1]) / n, float(jnp.max(totals[3])) / n
+
+
+def test_trained_masked_accuracy_is_the_same_in_training_and_inference_layouts(tmp_path, monkeypatch):
+    """Trained with the honest mask, masked-cell accuracy where generation decodes (the inference layout)
+    matches the training layout's. A deliberately leaky mask (cells see their own clean copy) drives the
+    training-layout accuracy far above the inference layout's, so this test can fail."""
+    root = str(tmp_path / "data")
+    prepare.prepare_corpus(root, [str(STDLIB / "json"), str(STDLIB / "email")])
+    sets = ["data.batch_size=16", "train.steps=80", "train.warmup_steps=5", "train.log_every=10",
+            "train.eval_batches=1", "train.checkpoint_every=1000", "model.patching.mode=\"space\""]
+    args = ["train", "--preset", "tiny", "--store", root, "--objective", "blt-d", "--block-size", "4", "--no-progress"]
+    assert main(args + ["--run", str(tmp_path / "honest")] + [x for s in sets for x in ("--set", s)]) == 0
+    cfg = tiny_config(root, *sets, "model.diffusion.block_size=4")
+    train_acc, inference_acc, chance = _masked_accuracies(cfg, tmp_path / "honest", root)
+    print(f"honest: training layout {train_acc:.3f}, inference layout {inference_acc:.3f}, chance {chance:.3f}")
+    assert abs(train_acc - inference_acc) < 0.1 and min(train_acc, inference_acc) > chance + 0.05
+
+    monkeypatch.setattr(diffusion, "block_mask", _leaky_block_mask)
+    train("blt", cfg, tmp_path / "leaky", progress=False)
+    leaky_train, leaky_inference, _ = _masked_accuracies(cfg, tmp_path / "leaky", root)
+    print(f"leaky: training layout {leaky_train:.3f}, inference layout {leaky_inference:.3f}")
+    assert leaky_train > leaky_inference + 0.3 and leaky_train > 0.8
