@@ -116,10 +116,20 @@ def cmd_generate(args) -> int:
 
     prompts = _read_prompts(args)
     model = api.load(args.checkpoint)
-    sampling = api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    results = api.generate(model, prompts, max_new_bytes=args.max_new_bytes, method=args.method,
-                           sampling=sampling, seed=args.seed, stop_at_eos=not args.no_eos_stop)
-    for r in results:
+    kwargs = dict(max_new_bytes=args.max_new_bytes, method=args.method, seed=args.seed,
+                  sampling=api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+                  stop_at_eos=not args.no_eos_stop, draft_len=args.draft_len, block_size=args.block_size,
+                  unmask=api.UnmaskConfig(rule=args.unmask, alpha=args.alpha, gamma=args.gamma))
+    if args.stream:
+        if len(prompts) != 1 or args.json:
+            raise ConfigError("--stream: give exactly one prompt, without --json")
+        sys.stdout.write(prompts[0])
+        for piece in api.stream(model, prompts[0], **kwargs):
+            sys.stdout.write(piece.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for r in api.generate(model, prompts, **kwargs):
         if args.json:
             print(json.dumps(r.to_json()))
         else:
@@ -134,6 +144,9 @@ def cmd_convert(args) -> int:
     if args.from_hf:
         cfg = convert.import_hf(args.src, args.dst)
         print(f"imported {args.src} -> {args.dst} (patching {cfg.patching.mode}, threshold {cfg.patching.threshold})")
+    elif args.params_only:
+        convert.export_params(args.src, args.dst)
+        print(f"exported the parameters of {args.src} -> {args.dst} (for `blt generate` / `blt eval`)")
     else:
         convert.export_hf(args.src, args.dst)
         print(f"exported {args.src} -> {args.dst} (load with transformers' BltForCausalLM.from_pretrained)")
@@ -162,6 +175,14 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _add_objective_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", choices=("next-byte", "blt-d"),
+                   help="next-byte: plain BLT; blt-d: BLT plus the block masked-diffusion loss of Fast BLT "
+                        "(default: the config's model.diffusion.block_size decides)")
+    p.add_argument("--block-size", type=int, choices=(4, 8, 16),
+                   help="BLT-D block size B (implies --objective blt-d; default: the config's, else 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer in JAX: train, evaluate, generate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -172,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/quickstart", help="folder for the data store and both runs")
     q.add_argument("--data", nargs="+", help="your own text files/folders instead of the embedded corpus")
     q.add_argument("--no-progress", action="store_true")
+    _add_objective_args(q)
     q.set_defaults(fn=cmd_quickstart)
 
     pr = sub.add_parser("prepare", help="tokenise a corpus into a tensorstore data store; with --entropy-run, "
@@ -197,11 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run", required=True, help="run directory (resumes automatically if it holds checkpoints)")
     t.add_argument("--store", help="data store root, made by `blt prepare` (sets data.path)")
     t.add_argument("--entropy-run", help="entropy-model run (default: the one recorded in the data store)")
-    t.add_argument("--objective", choices=("next-byte", "blt-d"),
-                   help="next-byte: plain BLT; blt-d: BLT plus the block masked-diffusion loss of Fast BLT "
-                        "(default: the config's model.diffusion.block_size decides)")
-    t.add_argument("--block-size", type=int, choices=(4, 8, 16),
-                   help="BLT-D block size B (implies --objective blt-d; default: the config's, else 4)")
+    _add_objective_args(t)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 
@@ -219,7 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stdin", action="store_true", help="read prompts from standard input")
     g.add_argument("--one-per-line", action="store_true", help="each line of --file/--stdin is a prompt")
     g.add_argument("--max-new-bytes", type=int, default=128)
-    g.add_argument("--method", default="ar-nocache", choices=("ar-nocache",))
+    g.add_argument("--method", default="ar", choices=("ar", "ar-nocache", "s", "d", "dv"),
+                   help="ar: cached autoregressive; ar-nocache: a full forward per byte; s: BLT-S speculative "
+                        "(any BLT); d: BLT-D block diffusion; dv: BLT-D draft + autoregressive verify "
+                        "(d and dv need a model trained with --objective blt-d)")
+    g.add_argument("--draft-len", type=int, default=8, help="BLT-S: bytes drafted per round (k)")
+    g.add_argument("--block-size", type=int, help="BLT-D/DV: block size B (default: the model's)")
+    g.add_argument("--unmask", default="confidence", choices=("confidence", "entropy", "one_step"),
+                   help="BLT-D/DV unmasking rule")
+    g.add_argument("--alpha", type=float, default=0.7, help="confidence rule: commit cells with p > alpha")
+    g.add_argument("--gamma", type=float, default=1.0, help="entropy rule: cumulative entropy bound")
+    g.add_argument("--stream", action="store_true", help="print bytes as they are generated (one prompt)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -232,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     direction = cv.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", action="store_true", help="SRC is a transformers save_pretrained folder")
     direction.add_argument("--to-hf", action="store_true", help="SRC is a blt_jax BLT run directory")
+    direction.add_argument("--params-only", action="store_true",
+                           help="SRC is a BLT run: write its parameters alone (no optimizer state) to DST")
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.set_defaults(fn=cmd_convert)

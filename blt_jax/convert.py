@@ -105,7 +105,7 @@ def config_to_hf(cfg: BLTConfig) -> dict:
         raise UnsupportedConfig(f"model.patching.mode: transformers supports entropy or byte patching, "
                                 f"not {cfg.patching.mode!r}")
     if cfg.patching.rule != "global":
-        raise UnsupportedConfig(f"model.patching.rule: transformers supports the global threshold rule only")
+        raise UnsupportedConfig("model.patching.rule: transformers supports the global threshold rule only")
 
     def sub(s: StackConfig, **extra) -> dict:
         return {"hidden_size": s.dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
@@ -234,3 +234,17 @@ def export_hf(src: str | Path, dst: str | Path) -> None:
     save_file(params_to_hf(model.params, model.entropy_params), str(dst / "model.safetensors"),
               metadata={"format": "pt"})
 
+
+
+def export_params(src: str | Path, dst: str | Path, step: Optional[int] = None) -> None:
+    """A BLT run -> a parameters-only run directory (no optimizer state, no data pipeline state): a third of
+    the checkpoint's size, what generation and evaluation load."""
+    from blt_jax.generation.model import load_run  # noqa: PLC0415
+    from blt_jax.train import checkpoint as ckpt  # noqa: PLC0415
+
+    kind, run, _ = ckpt.load_run_config(src)
+    model = load_run(src, step)
+    ckpt.write_run_meta(dst, kind, run, exported_from=str(Path(src).absolute()))
+    ckpt.save_params(Path(dst) / "params", model.params)
+    if model.entropy_params is not None:
+        ckpt.save_params(Path(dst) / "entropy_model", model.entropy_params)

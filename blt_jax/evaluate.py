@@ -12,7 +12,8 @@ import numpy as np
 from blt_jax import model as model_lib
 from blt_jax.data import pipeline, store
 from blt_jax.train import checkpoint as ckpt
-from blt_jax.train.loop import evaluate, load_trained_params, resolve_task
+from blt_jax.train.checkpoint import load_trained_params
+from blt_jax.train.loop import evaluate, resolve_task
 from blt_jax.train.step import make_optimizer, make_step_fns
 
 

@@ -44,7 +44,6 @@ def _shift_right(xp, x, fill):
 
 def space_like(tokens):
     """The reference's space patching class: not [0-9A-Za-z] and not a UTF-8 continuation byte."""
-    xp = _xp(tokens)
     b = tokens - OFFSET
     return ((b < ord("0")) | ((b > ord("9")) & (b < ord("A"))) | ((b > ord("Z")) & (b < ord("a")))
             | ((b > ord("z")) & (b < 0x80)) | (b >= 0xC0))

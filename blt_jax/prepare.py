@@ -54,7 +54,7 @@ def prepare_corpus(root: str, data: Optional[Sequence[str]] = None, heldout_frac
 
 def make_entropy_fn(run_dir: str | Path):
     """A jitted (1, L) tokens -> (1, L) entropies function from an entropy-model run."""
-    from blt_jax.train.loop import load_trained_params  # noqa: PLC0415
+    from blt_jax.train.checkpoint import load_trained_params  # noqa: PLC0415
 
     kind, cfg, _ = ckpt.load_run_config(run_dir)
     if kind != "entropy":

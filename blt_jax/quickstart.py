@@ -94,12 +94,15 @@ def run_quickstart(cfg: RunConfig, out: Path, data: Optional[Sequence[str]] = No
           f"unigram baseline: {report['unigram_bits_per_byte']:.3f} bits/byte")
     report["seconds"]["eval"] = time.time() - t
 
-    t = _stage("6/6 generate (top-p sampling, no cache)")
     model = api.load(str(out / "blt"))
-    result = api.generate(model, [SAMPLE_PROMPT], max_new_bytes=200,
+    method = "d" if model.cfg.diffusion.enabled else "ar"  # a BLT-D samples by block diffusion
+    t = _stage(f"6/6 generate (top-p sampling, method {method})")
+    result = api.generate(model, [SAMPLE_PROMPT], max_new_bytes=200, method=method,
                           sampling=api.SamplingConfig(temperature=1.0, top_p=0.95), seed=0)[0]
     print(result.prompt + result.text)
-    report["sample"] = {"prompt": result.prompt, "text": result.text}
+    calls = result.cost["decoder_calls"] / max(result.cost["new_bytes"], 1)
+    print(f"({result.cost['new_bytes']} bytes, {calls:.2f} decoder calls per byte)")
+    report["sample"] = {"prompt": result.prompt, "text": result.text, "method": method, "cost": result.cost}
     report["seconds"]["generate"] = time.time() - t
 
     report["seconds"]["total"] = time.time() - t_all

@@ -1,7 +1,6 @@
 """Shared fixtures: a small real corpus (two stdlib packages) prepared into a store, and a trained tiny
 entropy model + BLT on it, built once per test session."""
 
-import dataclasses
 import sysconfig
 from pathlib import Path
 

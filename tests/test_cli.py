@@ -39,11 +39,27 @@ def test_eval_reports_bpb_and_unigram_baseline(tiny_runs, capsys):
 
 def test_generate_json_matches_the_api(tiny_runs, capsys):
     run = str(tiny_runs[3])
-    assert main(["generate", "--checkpoint", run, "--max-new-bytes", "8", "--json", "def f(", "import"]) == 0
+    assert main(["generate", "--checkpoint", run, "--max-new-bytes", "8", "--json", "--method", "s",
+                 "--draft-len", "4", "def f(", "import"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    expected = api.generate(api.load(run), ["def f(", "import"], max_new_bytes=8)
-    assert [line["text"] for line in lines] == [r.text for r in expected]
-    assert all(line["cost"]["method"] == "ar-nocache" for line in lines)
+    expected = api.generate(api.load(run), ["def f(", "import"], max_new_bytes=8, method="ar")
+    assert [line["text"] for line in lines] == [r.text for r in expected]  # BLT-S greedy == BLT greedy
+    assert all(line["cost"]["method"] == "s" and line["cost"]["drafted"] > 0 for line in lines)
+
+
+def test_generate_streams_the_same_text_from_a_parameters_only_export(tiny_runs, capsys, tmp_path):
+    run = str(tiny_runs[3])
+    assert main(["convert", "--params-only", run, str(tmp_path / "params")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "params"), "--max-new-bytes", "40", "--stream",
+                 "class A:"]) == 0
+    expected = api.generate(api.load(run), ["class A:"], max_new_bytes=40)[0]
+    assert capsys.readouterr().out == "class A:" + expected.text + "\n"
+    assert not (tmp_path / "params" / "checkpoints").exists()  # no optimizer state travels
+    assert main(["generate", "--checkpoint", run, "--stream", "a", "b"]) == 2
+    assert "exactly one prompt" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", run, "--method", "d", "abc"]) == 2  # a plain BLT has no blocks
+    assert "diffusion" in capsys.readouterr().err
 
 
 def test_generate_rejects_an_empty_prompt(tiny_runs, capsys):

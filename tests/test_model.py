@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from blt_jax import model as model_lib
-from blt_jax.config import BLTConfig, PatchingConfig, get_preset
+from blt_jax.config import BLTConfig, get_preset
 from blt_jax.generation.model import compute_patch_starts, forward, from_params
 from blt_jax.model.layers import LocalMask, attention, causal_mask, init_caches
 from blt_jax.patching import patch_ids

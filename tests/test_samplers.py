@@ -114,6 +114,26 @@ def test_blt_d_runs_blocks_and_counts_calls():
         api.generate(random_model(), ["x"], method="d")
 
 
+@pytest.mark.parametrize("method,kwargs", [("ar", {}), ("s", {"draft_len": 5}), ("d", {"block_size": 4})])
+def test_streaming_yields_what_generate_returns(plain, method, kwargs):
+    m = random_model(block_size=4, seed=6) if method == "d" else plain
+    prompt = b"def f(x):"
+    want = api.generate(m, [prompt], max_new_bytes=30, method=method, stop_at_eos=False, **kwargs)[0].new_bytes
+    pieces = list(api.stream(m, prompt, max_new_bytes=30, method=method, stop_at_eos=False, chunk_bytes=7,
+                             **kwargs))
+    assert b"".join(pieces) == want and len(want) == 30
+    assert len(pieces) >= 3  # it did stream
+
+
+def test_cached_methods_refuse_transformers_post_hoc_patch_splitting():
+    m = random_model()
+    cfg = dataclasses.replace(m.cfg, patching=dataclasses.replace(m.cfg.patching, drop_trailing_patch=True))
+    converted = from_params(cfg, m.params, m.entropy_params)
+    with pytest.raises(Exception, match="drop_trailing_patch"):
+        api.generate(converted, ["abc"], max_new_bytes=4, method="ar")
+    assert api.generate(converted, ["abc"], max_new_bytes=4, method="ar-nocache")[0].cost["new_bytes"] == 4
+
+
 def test_first_step_and_chunk_logits_equal_the_teacher_forced_forward(plain):
     """The engine's prefill prediction and a committed chunk's logits equal the full forward."""
     ps = [b"def f(x):\n  return x", b"abc", b"klm nop (a, b) = c"]

@@ -11,7 +11,8 @@ from blt_jax import prepare
 from blt_jax.evaluate import unigram_bpb
 from blt_jax.data import pipeline
 from blt_jax.train import checkpoint as ckpt
-from blt_jax.train.loop import load_trained_params, train
+from blt_jax.train.checkpoint import load_trained_params
+from blt_jax.train.loop import train
 from blt_jax.train.metrics import read_metrics
 from conftest import tiny_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +16,12 @@ from blt_jax.generation.cost import ParamsForCost, eq8_bandwidth_gb
 from blt_jax.generation.model import LoadedModel, load_run
 from blt_jax.generation.nocache import generate_nocache
 from blt_jax.generation.prompts import prepare_prompts
-from blt_jax.generation.samplers import MethodConfig, generate_cached
+from blt_jax.generation.samplers import MethodConfig, advance, generate_cached, start_stream
 from blt_jax.generation.sampling import SamplingConfig
 from blt_jax.generation.unmasking import UnmaskConfig
 from blt_jax.tokenizer import decode_bytes
 
-__all__ = ["SamplingConfig", "UnmaskConfig", "GenerationResult", "load", "generate", "METHODS"]
+__all__ = ["SamplingConfig", "UnmaskConfig", "GenerationResult", "load", "generate", "stream", "METHODS"]
 
 METHODS = ("ar", "ar-nocache", "s", "d", "dv")
 
@@ -56,6 +56,16 @@ def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_siz
                         block_size=block_size or model.cfg.diffusion.block_size or 8, unmask=unmask)
 
 
+def _inputs(prompts, max_new_bytes: int, mc: Optional[MethodConfig], seed: int):
+    """Bucketed device inputs: (PromptBatch, (tokens, lengths, max_new, rngs)); padding rows get no budget."""
+    batch = prepare_prompts(prompts, max_new_bytes, extra_positions=0 if mc is None else mc.lookahead)
+    B = batch.tokens.shape[0]
+    rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key_data(jax.random.key(seed)), i))(jnp.arange(B))
+    max_new = np.full((B,), max_new_bytes, np.int32)
+    max_new[batch.num_prompts:] = 0
+    return batch, (jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(max_new), rngs)
+
+
 def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 128, method: str = "ar",
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, stop_at_eos: bool = True,
              draft_len: int = 8, block_size: Optional[int] = None,
@@ -65,12 +75,8 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
     if method not in METHODS:
         raise ValueError(f"method: unknown generation method {method!r}; choose one of {METHODS}")
     mc = None if method == "ar-nocache" else method_config(model, method, draft_len, block_size, unmask)
-    batch = prepare_prompts(prompts, max_new_bytes, extra_positions=0 if mc is None else mc.lookahead)
+    batch, args = _inputs(prompts, max_new_bytes, mc, seed)
     B = batch.tokens.shape[0]
-    rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key_data(jax.random.key(seed)), i))(jnp.arange(B))
-    max_new = np.full((B,), max_new_bytes, np.int32)
-    max_new[batch.num_prompts:] = 0
-    args = (jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(max_new), rngs)
     t = time.time()
     if mc is None:
         out = jax.device_get(generate_nocache(model.spec, sampling, model.pytrees(), *args, stop_at_eos=stop_at_eos))
@@ -97,3 +103,31 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
                                         text=new.decode("utf-8", errors="replace"), new_bytes=new,
                                         seconds=seconds, cost=cost, token_ids=ids.tolist()))
     return results
+
+
+def stream(model: LoadedModel, prompt: str, max_new_bytes: int = 128, method: str = "ar",
+           sampling: SamplingConfig = SamplingConfig(), seed: int = 0, stop_at_eos: bool = True,
+           draft_len: int = 8, block_size: Optional[int] = None, unmask: UnmaskConfig = UnmaskConfig(),
+           chunk_bytes: int = 16) -> Iterator[bytes]:
+    """Yield the new bytes of one prompt as they are generated: one prefill, then one jitted `advance` per
+    `chunk_bytes` (the budget is a traced value, so each call reuses one compile). The bytes equal
+    `generate`'s for the same arguments."""
+    if method == "ar-nocache":
+        raise ValueError("stream: method 'ar-nocache' keeps no state between calls; use a cached method")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
+    mc = method_config(model, method, draft_len, block_size, unmask)
+    if method == "d":  # whole blocks per call, so the blocks fall where `generate`'s do
+        chunk_bytes = -(-chunk_bytes // mc.block_size) * mc.block_size
+    batch, (tokens, lengths, max_new, rngs) = _inputs([prompt], max_new_bytes, mc, seed)
+    carry = start_stream(model.spec, mc, model.pytrees(), tokens, lengths, prompt_len=batch.prompt_len)
+    start = emitted = int(batch.lengths[0])
+    for budget in range(chunk_bytes, max_new_bytes + chunk_bytes, chunk_bytes):
+        budget = jnp.minimum(max_new, min(budget, max_new_bytes))
+        carry = advance(model.spec, mc, sampling, model.pytrees(), carry, budget, rngs, stop_at_eos=stop_at_eos)
+        length = int(carry.state.length[0])
+        if length > emitted:
+            yield decode_bytes(np.asarray(carry.state.tokens[0, emitted:length]))
+            emitted = length
+        if bool(carry.ended[0]) or length - start >= max_new_bytes:
+            return

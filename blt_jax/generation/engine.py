@@ -27,7 +27,7 @@ from flax import nnx
 
 from blt_jax.generation.model import ModelSpec
 from blt_jax.model.entropy_model import entropies
-from blt_jax.model.layers import LayerCache, init_caches, write_cache
+from blt_jax.model.layers import init_caches
 from blt_jax.patching import start_flags
 
 COUNTERS = ("decoder_calls", "encoder_calls", "global_calls", "entropy_calls", "drafted", "accepted")

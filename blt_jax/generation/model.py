@@ -52,12 +52,11 @@ def from_params(cfg: BLTConfig, params: Any, entropy_params: Any = None) -> Load
 def load_run(run_dir: str | Path, step: Optional[int] = None) -> LoadedModel:
     """A trained BLT run directory (or a converted checkpoint) -> LoadedModel."""
     from blt_jax.train import checkpoint as ckpt  # noqa: PLC0415
-    from blt_jax.train.loop import load_trained_params  # noqa: PLC0415
 
     kind, cfg, _ = ckpt.load_run_config(run_dir)
     if kind != "blt":
         raise ConfigError(f"{run_dir}: holds a {kind!r} run; generation needs a BLT run")
-    params = load_trained_params(run_dir, expect_kind="blt", step=step)
+    params = ckpt.load_trained_params(run_dir, expect_kind="blt", step=step)
     entropy_params = None
     if cfg.model.patching.mode == "entropy":
         abstract = model_lib.abstract_state(cfg.model.entropy_model)[1]

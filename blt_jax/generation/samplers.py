@@ -53,17 +53,22 @@ class MethodConfig:
 
 class Carry(NamedTuple):
     state: engine.EngineState
-    done: jax.Array  # (B,)
+    start: jax.Array  # (B,) prompt lengths
+    ended: jax.Array  # (B,) emitted EOS or filled the buffer: finished for good
     cells: jax.Array  # (B, Bk) BLT-D: the block being denoised
     block_logits: jax.Array  # (B, Bk, V) BLT-D: the latest decoder pass over it
 
 
-def _finish(carry_done, start, length, committed, n, max_new, S, lookahead, stop_at_eos):
-    """Rows are done when they hit max_new, the buffer's end, or (optionally) emitted EOS."""
-    done = carry_done | (length - start >= max_new) | (length + lookahead > S)
+def _done(c: Carry, max_new: jax.Array) -> jax.Array:
+    return c.ended | (c.state.length - c.start >= max_new)
+
+
+def _ended(ended, length, committed, n, S, lookahead, stop_at_eos):
+    """Rows end for good at the buffer's end, or (optionally) once they emitted EOS."""
+    ended = ended | (length + lookahead > S)
     if stop_at_eos:
-        done = done | jnp.any((committed == EOS_ID) & (jnp.arange(committed.shape[1])[None, :] < n[:, None]), -1)
-    return done
+        ended = ended | jnp.any((committed == EOS_ID) & (jnp.arange(committed.shape[1])[None, :] < n[:, None]), -1)
+    return ended
 
 
 def _cut_at_eos(tokens: jax.Array, n: jax.Array, stop_at_eos: bool) -> jax.Array:
@@ -114,32 +119,37 @@ def _denoise_block(spec, params, st, cells, masked, logits, latent, rngs, sampli
     return st, cells
 
 
-@partial(jax.jit, static_argnames=("spec", "method", "sampling", "prompt_len", "stop_at_eos"))
-def generate_cached(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict,
-                    tokens: jax.Array, lengths: jax.Array, max_new: jax.Array, rngs: jax.Array, prompt_len: int,
-                    stop_at_eos: bool = True):
-    """tokens (B, S): right-padded prompts in a buffer with room for max_new (B,) bytes plus the method's
-    lookahead; prompt_len: the static prompt bucket (<= S) prefilled as one chunk. Returns the final
-    EngineState (tokens, length, counters)."""
+def _check(spec: ModelSpec) -> None:
     if spec.cfg.patching.drop_trailing_patch and spec.cfg.patching.max_patch_length is not None:
         raise ConfigError("model.patching.drop_trailing_patch: transformers' post-hoc patch splitting is not "
                           "incremental at the newest byte; cached generation needs it off (use ar-nocache)")
+
+
+def _prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens: jax.Array, lengths: jax.Array,
+             prompt_len: int) -> Carry:
     B, S = tokens.shape
     Bk = method.block_size
     st = engine.init_state(spec, B, S)
-    start = lengths
     mask_cells = jnp.full((B, Bk), MASK_ID, jnp.int32)
     first_block = method.method == "d"
     st, _, blk = engine.extend(spec, params, st, tokens[:, :prompt_len], lengths, provisional=first_block,
                                block=mask_cells if first_block else None)
-    done = _finish(max_new <= 0, start, st.length, tokens[:, :0], jnp.zeros_like(lengths), max_new, S,
-                   method.lookahead, False)
+    ended = _ended(jnp.zeros((B,), bool), st.length, tokens[:, :0], jnp.zeros_like(lengths), S, method.lookahead,
+                   False)
     V = st.next_logits.shape[-1]
-    init = Carry(st, done, mask_cells, blk if first_block else jnp.zeros((B, Bk, V), jnp.float32))
+    return Carry(st, lengths, ended, mask_cells, blk if first_block else jnp.zeros((B, Bk, V), jnp.float32))
+
+
+def _run(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict, c: Carry,
+         max_new: jax.Array, rngs: jax.Array, stop_at_eos: bool) -> Carry:
+    """Generate until every row has `max_new` bytes past its prompt (or ended)."""
+    B, S = c.state.tokens.shape
+    Bk = method.block_size
+    mask_cells = jnp.full((B, Bk), MASK_ID, jnp.int32)
 
     def body(c: Carry) -> Carry:
-        st, active = c.state, ~c.done
-        L = st.length
+        st, active = c.state, ~_done(c, max_new)
+        L, start = st.length, c.start
         remaining = jnp.where(active, max_new - (L - start), 0)
         if method.method == "ar":
             nxt = choose(st.next_logits, position_keys(rngs, L), sampling)
@@ -185,8 +195,33 @@ def generate_cached(spec: ModelSpec, method: MethodConfig, sampling: SamplingCon
             st, _, blk = engine.extend(spec, params, st, cells, n, provisional=True, block=mask_cells)
             committed, kept = cells, n
             c = c._replace(block_logits=blk)
-        done = _finish(c.done, start, st.length, committed, kept, max_new, S, method.lookahead, stop_at_eos)
-        return c._replace(state=st, done=done, cells=mask_cells)
+        ended = _ended(c.ended, st.length, committed, kept, S, method.lookahead, stop_at_eos)
+        return c._replace(state=st, ended=ended, cells=mask_cells)
 
-    out = jax.lax.while_loop(lambda c: ~jnp.all(c.done), body, init)
-    return out.state
+    return jax.lax.while_loop(lambda c: ~jnp.all(_done(c, max_new)), body, c)
+
+
+@partial(jax.jit, static_argnames=("spec", "method", "sampling", "prompt_len", "stop_at_eos"))
+def generate_cached(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict,
+                    tokens: jax.Array, lengths: jax.Array, max_new: jax.Array, rngs: jax.Array, prompt_len: int,
+                    stop_at_eos: bool = True) -> engine.EngineState:
+    """tokens (B, S): right-padded prompts in a buffer with room for max_new (B,) bytes plus the method's
+    lookahead; prompt_len: the static prompt bucket prefilled as one chunk. Returns the final EngineState
+    (tokens, length, counters)."""
+    _check(spec)
+    c = _prefill(spec, method, params, tokens, lengths, prompt_len)
+    return _run(spec, method, sampling, params, c, max_new, rngs, stop_at_eos).state
+
+
+@partial(jax.jit, static_argnames=("spec", "method", "prompt_len"))
+def start_stream(spec: ModelSpec, method: MethodConfig, params: dict, tokens: jax.Array, lengths: jax.Array,
+                 prompt_len: int) -> Carry:
+    """Streaming: prefill once, then `advance` repeatedly with a growing budget (one compile each)."""
+    _check(spec)
+    return _prefill(spec, method, params, tokens, lengths, prompt_len)
+
+
+@partial(jax.jit, static_argnames=("spec", "method", "sampling", "stop_at_eos"), donate_argnums=(4,))
+def advance(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict, carry: Carry,
+            max_new: jax.Array, rngs: jax.Array, stop_at_eos: bool = True) -> Carry:
+    return _run(spec, method, sampling, params, carry, max_new, rngs, stop_at_eos)

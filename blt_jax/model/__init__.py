@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from blt_jax.config import BLTConfig, EntropyModelConfig
@@ -40,12 +40,18 @@ def _count(state: Any) -> int:
 
 
 def param_counts(cfg: BLTConfig | EntropyModelConfig) -> dict[str, int]:
+    """Parameters per component (see `_param_counts`); cached per config, as tracing the model takes ~1 s."""
+    return dict(_param_counts(cfg))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_counts(cfg: BLTConfig | EntropyModelConfig) -> tuple[tuple[str, int], ...]:
     """Parameters per component, counted as the Fast BLT paper counts them: the encoder includes its byte
     embedding but not the hash n-gram tables (reported apart); the decoder includes the LM head; the
     global input projection, when present, belongs to the encoder side (it maps pooled patches in)."""
     _, state = abstract_state(cfg)
     if isinstance(cfg, EntropyModelConfig):
-        return {"entropy_model": _count(state)}
+        return (("entropy_model", _count(state)),)
     flat = nnx.to_flat_state(state)
     counts = {"encoder": 0, "hash_embeddings": 0, "global": 0, "decoder": 0}
     for path, var in flat:
@@ -61,4 +67,4 @@ def param_counts(cfg: BLTConfig | EntropyModelConfig) -> dict[str, int]:
             counts["decoder"] += size
     counts["entropy_model"] = _count(abstract_state(cfg.entropy_model)[1])
     counts["total_blt"] = counts["encoder"] + counts["hash_embeddings"] + counts["global"] + counts["decoder"]
-    return counts
+    return tuple(counts.items())

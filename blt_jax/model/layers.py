@@ -8,7 +8,7 @@ onto a device mesh.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blt_jax.config import StackConfig
+
+if TYPE_CHECKING:  # block_attention builds on this module
+    from blt_jax.model.block_attention import BlockDiffusionMask
 
 Array = jax.Array
 

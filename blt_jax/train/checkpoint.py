@@ -12,16 +12,18 @@ leaves a half-written latest checkpoint; resuming restores the model, optimiser 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+from blt_jax import model as model_lib
 from blt_jax.config import RunConfig
+from blt_jax.train.step import init_train_state, make_optimizer
 
 RUN_META = "run.json"
 FORMAT_VERSION = 1
@@ -101,6 +103,8 @@ def open_manager(run_dir: str | Path, keep: int = 3, async_save: bool = True) ->
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any = None, force: bool = False) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
+        import grain  # noqa: PLC0415 (serving loads parameters without the data pipeline)
+
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -113,6 +117,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any = N
         raise FileNotFoundError(f"{mngr.directory}: no checkpoint to restore")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
+        import grain  # noqa: PLC0415
+
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
@@ -128,8 +134,37 @@ def save_params(path: str | Path, params: Any) -> None:
 
 
 def load_params(path: str | Path, abstract_params: Any) -> Any:
+    """Restore onto this process's first device unless `abstract_params` carry shardings: a checkpoint
+    written on one platform (CPU) then loads on another (GPU), whose device topology differs."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                          jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(Path(path).absolute(), abstract_params)
+            return ckptr.restore(Path(path).absolute(), target)
         except (ValueError, KeyError) as e:
             raise CheckpointMismatch(f"{path} does not fit this model: {e}") from None
+
+
+def load_trained_params(run_dir: str | Path, expect_kind: Optional[str] = None, model_cfg=None,
+                        step: Optional[int] = None) -> Any:
+    """The model parameters of a run's latest (or given) checkpoint."""
+    kind, cfg, _ = load_run_config(run_dir)
+    if expect_kind is not None and kind != expect_kind:
+        raise CheckpointMismatch(f"{run_dir} holds a {kind!r} run, expected {expect_kind!r}")
+    own_cfg = cfg.model.entropy_model if kind == "entropy" else cfg.model
+    if model_cfg is not None and model_cfg != own_cfg:
+        diff = first_difference(dataclasses.asdict(own_cfg), dataclasses.asdict(model_cfg), "model")
+        raise CheckpointMismatch(f"{run_dir} holds a model that differs from the configured one at {diff}")
+    _, abstract_params = model_lib.abstract_state(own_cfg)
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").exists() and (run_dir / "params").exists():  # converted: parameters only
+        return load_params(run_dir / "params", abstract_params)
+    tc = cfg.entropy_train if kind == "entropy" else cfg.train
+    abstract = jax.eval_shape(lambda p: init_train_state(p, make_optimizer(tc)), abstract_params)
+    mngr = open_manager(run_dir, keep=tc.keep_checkpoints, async_save=False)
+    try:
+        _, state = restore(mngr, abstract, None, step)
+    finally:
+        mngr.close()
+    return state.params

@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from blt_jax import flops, model as model_lib
@@ -19,8 +18,9 @@ from blt_jax.config import ConfigError, RunConfig
 from blt_jax.data import pipeline, store
 from blt_jax.objectives import LN2
 from blt_jax.train import checkpoint as ckpt
+from blt_jax.train.checkpoint import load_trained_params
 from blt_jax.train.metrics import MetricsWriter
-from blt_jax.train.step import TrainState, init_train_state, make_optimizer, make_step_fns
+from blt_jax.train.step import init_train_state, make_optimizer, make_step_fns
 
 KINDS = ("entropy", "blt")
 
@@ -207,27 +207,3 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     writer.close()
     mngr.close()
     return summary
-
-
-def load_trained_params(run_dir: str | Path, expect_kind: Optional[str] = None, model_cfg=None,
-                        step: Optional[int] = None) -> Any:
-    """The model parameters of a run's latest (or given) checkpoint."""
-    kind, cfg, _ = ckpt.load_run_config(run_dir)
-    if expect_kind is not None and kind != expect_kind:
-        raise ckpt.CheckpointMismatch(f"{run_dir} holds a {kind!r} run, expected {expect_kind!r}")
-    own_cfg = cfg.model.entropy_model if kind == "entropy" else cfg.model
-    if model_cfg is not None and model_cfg != own_cfg:
-        diff = ckpt.first_difference(dataclasses.asdict(own_cfg), dataclasses.asdict(model_cfg), "model")
-        raise ckpt.CheckpointMismatch(f"{run_dir} holds a model that differs from the configured one at {diff}")
-    _, abstract_params = model_lib.abstract_state(own_cfg)
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints").exists() and (run_dir / "params").exists():  # converted: parameters only
-        return ckpt.load_params(run_dir / "params", abstract_params)
-    tc = cfg.entropy_train if kind == "entropy" else cfg.train
-    abstract = jax.eval_shape(lambda p: init_train_state(p, make_optimizer(tc)), abstract_params)
-    mngr = ckpt.open_manager(run_dir, keep=tc.keep_checkpoints, async_save=False)
-    try:
-        _, state = ckpt.restore(mngr, abstract, None, step)
-    finally:
-        mngr.close()
-    return state.params
