@@ -133,12 +133,12 @@ def _latents_for(spec: ModelSpec, blt, state: EngineState, starts, csum, lo, hi,
     enc_ids = csum[:, :S] - 1
     rel = enc_ids - lo[:, None]
     member = (jnp.arange(S)[None, :] < state.length[:, None]) & (rel >= 0) & (enc_ids < hi[:, None])
-    pe = blt.pool_patches(state.enc_h, jnp.where(member, rel, slots), slots)
     do = active & (hi > lo)
     offset = jnp.where(do, lo, state.num_closed)  # idle rows write past their final latents: never read
     positions = offset[:, None] + jnp.arange(slots)[None, :]
 
-    def run(_):
+    def run(_):  # pooling reads the whole byte buffer: only when some patch closes
+        pe = blt.pool_patches(state.enc_h, jnp.where(member, rel, slots), slots)
         latents, gkv = blt.global_latents(pe, positions, caches=state.global_kv, offset=offset)
         new_cross = blt.decoder_cross_kv(latents)
         cross = [(_write_rows(k, nk, offset), _write_rows(v, nv, offset))

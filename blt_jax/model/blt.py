@@ -113,7 +113,7 @@ class BLT(nnx.Module):
                remat: bool = False, contiguous: bool = False):
         """Local encoder layers: byte states (B, T, De). `contiguous`: positions are 0..T-1 (no cache)."""
         cfg = self.cfg.encoder
-        cache_len = None if caches is None else caches[0].k.shape[1]
+        cache_len = None if caches is None else caches[0].length
         mask = self_attention_mask(positions, cfg.window, segments, cache_len, contiguous)
         return run_layers(self.local_encoder.layers, cfg, emb, positions, mask, caches, offset, remat)
 
@@ -136,7 +136,7 @@ class BLT(nnx.Module):
         cfg = self.cfg.global_model
         g = self.global_transformer
         x = patch_embeds if g.token_embedding_projection is None else g.token_embedding_projection(patch_embeds)
-        cache_len = None if caches is None else caches[0].k.shape[1]
+        cache_len = None if caches is None else caches[0].length
         mask = self_attention_mask(positions, cfg.window, segments, cache_len)
         return run_layers(g.layers, cfg, x, positions, mask, caches, offset, remat)
 
@@ -157,7 +157,7 @@ class BLT(nnx.Module):
         cfg = self.cfg.decoder
         dec = self.local_decoder
         if mask is None:
-            cache_len = None if caches is None else caches[0].k.shape[1]
+            cache_len = None if caches is None else caches[0].length
             mask = self_attention_mask(positions, cfg.window, segments, cache_len, contiguous)
         P = cross_kv[0][0].shape[1]
         ids = jnp.clip(cross_ids, 0, P - 1)[:, :, None, None, None]

@@ -38,7 +38,7 @@ class EntropyModel(nnx.Module):
             seg = jnp.cumsum(tokens == BOS_ID, axis=1) if document_masking else None
             mask = self_attention_mask(positions, window, seg, contiguous=contiguous)
         else:
-            mask = self_attention_mask(positions, window, cache_len=caches[0].k.shape[1])
+            mask = self_attention_mask(positions, window, cache_len=caches[0].length)
         h = self.embed_tokens(tokens, dtype)
         h, caches = run_layers(self.layers, self.cfg.stack, h, positions, mask, caches, offset, remat)
         logits = self.lm_head(self.norm(h)).astype(jnp.float32)

@@ -187,16 +187,37 @@ def _block_local_attention(q: Array, k: Array, v: Array, mask: LocalMask) -> Arr
 
 
 class LayerCache(NamedTuple):
-    """KV cache of one self-attention layer: slot index == position."""
+    """KV cache of one self-attention layer: slot index == position. Stored in the layouts the two attention
+    matmuls read without a transpose (q @ k: k as (D, S); probs @ v: v as (S, D)), so a decode step never
+    copies the whole cache (XLA:CPU would, per layer and step)."""
 
-    k: Array  # (B, S_max, KV, D)
-    v: Array
+    k: Array  # (B, KV, D, S_max)
+    v: Array  # (B, KV, S_max, D)
+
+    @property
+    def length(self) -> int:
+        return self.v.shape[2]
 
 
 def write_cache(cache: LayerCache, k: Array, v: Array, offset: Array) -> LayerCache:
     """Write k/v (B, T, KV, D) at per-row slot `offset` (B,)."""
-    upd = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (i, 0, 0)))
-    return LayerCache(upd(cache.k, k, offset), upd(cache.v, v, offset))
+    put = lambda c, u, at: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), at)  # noqa: E731
+    new_k = jax.vmap(lambda c, u, i: put(c, u.transpose(1, 2, 0), (0, 0, i)))(cache.k, k, offset)
+    new_v = jax.vmap(lambda c, u, i: put(c, u.swapaxes(0, 1), (0, i, 0)))(cache.v, v, offset)
+    return LayerCache(new_k, new_v)
+
+
+def cached_attention(q: Array, cache: LayerCache, mask: Array) -> Array:
+    """Attention of q (B, T, H, D) over a whole cache (`LayerCache`) under mask (B, T, S), with GQA: explicit
+    batched matmuls on every backend (T is a step or a chunk; the cache stays in its layout)."""
+    B, T, H, D = q.shape
+    KV = cache.v.shape[1]
+    qt = q.reshape(B, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4).reshape(B, KV, (H // KV) * T, D)
+    k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+    scores = jnp.matmul(qt, k).reshape(B, KV, H // KV, T, -1)
+    probs = _masked_softmax(scores, mask[:, None, None], D).astype(v.dtype).reshape(B, KV, (H // KV) * T, -1)
+    out = jnp.matmul(probs, v).reshape(B, KV, H // KV, T, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 class SelfAttention(nnx.Module):
@@ -217,8 +238,10 @@ class SelfAttention(nnx.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             cache = write_cache(cache, k, v, offset)
-            k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
-        out = attention(q, k, v, mask).reshape(B, T, self.n_heads * self.head_dim)
+            out = cached_attention(q, cache, mask)
+        else:
+            out = attention(q, k, v, mask)
+        out = out.reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out), cache
 
 
@@ -355,8 +378,9 @@ def self_attention_mask(positions: Array, window: Optional[int], segments: Optio
 
 
 def init_caches(cfg: StackConfig, batch: int, length: int, dtype=jnp.float32) -> list[LayerCache]:
-    shape = (batch, length, cfg.kv_heads, cfg.head_dim)
-    return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
+    k_shape = (batch, cfg.kv_heads, cfg.head_dim, length)
+    v_shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+    return [LayerCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in range(cfg.n_layers)]
 
 
 def cast_floating(tree: Any, dtype) -> Any:
