@@ -54,6 +54,25 @@ def test_checkpoint_of_a_different_model_is_refused(tiny_runs):
         train("entropy", cfg, blt_run, progress=False)
     with pytest.raises(ckpt.CheckpointMismatch, match="global_model"):
         load_trained_params(blt_run, expect_kind="blt", model_cfg=other.model)
+    em = cfg.model.entropy_model
+    deeper = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, entropy_model=dataclasses.replace(
+        em, stack=dataclasses.replace(em.stack, n_layers=em.stack.n_layers + 1))))
+    with pytest.raises(ckpt.CheckpointMismatch, match="model.entropy_model.stack.n_layers"):
+        ckpt.check_compatible(tiny_runs[2], "entropy", deeper)
+
+
+def test_a_run_written_before_a_config_field_existed_still_resumes(tiny_runs, tmp_path):
+    """Fields added later compare at their defaults: how the older run behaved."""
+    blt_run = tiny_runs[3]
+    cfg = ckpt.load_run_config(blt_run)[1]  # the run's own config (its calibrated threshold included)
+    meta = json.loads((blt_run / "run.json").read_text())
+    del meta["config"]["model"]["diffusion"]
+    (tmp_path / "run.json").write_text(json.dumps(meta))
+    ckpt.check_compatible(tmp_path, "blt", cfg)  # no error
+    blt_d = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, diffusion=dataclasses.replace(cfg.model.diffusion, block_size=4)))
+    with pytest.raises(ckpt.CheckpointMismatch, match="model.diffusion.block_size is 0 there but 4 now"):
+        ckpt.check_compatible(tmp_path, "blt", blt_d)
 
 
 def test_corrupt_run_metadata_is_a_clear_error(tmp_path):

@@ -86,12 +86,13 @@ def check_compatible(run_dir: str | Path, kind: str, cfg: RunConfig) -> None:
         raise CheckpointMismatch(f"{run_dir} holds a {meta['kind']!r} run, not {kind!r}")
     # the entropy model is what an entropy run trains; a BLT run's shapes depend on the whole model section
     section = "model.entropy_model" if kind == "entropy" else "model"
-    saved, wanted = {"model": meta["config"]["model"]}, {"model": cfg.to_dict()["model"]}
-    diff = first_difference(_lookup(saved, section), _lookup(wanted, section), section)
+    # parsed, so fields added since the run was written compare at their defaults (how it behaved)
+    saved, wanted = RunConfig.from_dict(meta["config"]).to_dict(), cfg.to_dict()
+    diff = first_difference(_lookup(saved, f"config.{section}"), _lookup(wanted, f"config.{section}"), section)
     if diff:
         raise CheckpointMismatch(
-            f"{run_dir} was written for a different model: {diff} is {_lookup(saved, diff)!r} there but "
-            f"{_lookup(wanted, diff)!r} now. Use a new run directory, or the checkpoint's own config.")
+            f"{run_dir} was written for a different model: {diff} is {_lookup(saved, f'config.{diff}')!r} there "
+            f"but {_lookup(wanted, f'config.{diff}')!r} now. Use a new run directory, or the checkpoint's own config.")
 
 
 def open_manager(run_dir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
