@@ -134,15 +134,18 @@ def save_params(path: str | Path, params: Any) -> None:
         ckptr.save(Path(path).absolute(), params, force=True)
 
 
-def load_params(path: str | Path, abstract_params: Any) -> Any:
-    """Restore onto this process's first device unless `abstract_params` carry shardings: a checkpoint
-    written on one platform (CPU) then loads on another (GPU), whose device topology differs."""
+def on_local_device(abstract: Any) -> Any:
+    """Abstract leaves without a sharding placed on this process's first device: a checkpoint written on one
+    platform (CPU) then restores on another (GPU), whose device topology differs."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
-                          jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
+    return jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+
+
+def load_params(path: str | Path, abstract_params: Any) -> Any:
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(Path(path).absolute(), target)
+            return ckptr.restore(Path(path).absolute(), on_local_device(abstract_params))
         except (ValueError, KeyError) as e:
             raise CheckpointMismatch(f"{path} does not fit this model: {e}") from None
 
@@ -162,7 +165,7 @@ def load_trained_params(run_dir: str | Path, expect_kind: Optional[str] = None, 
     if not (run_dir / "checkpoints").exists() and (run_dir / "params").exists():  # converted: parameters only
         return load_params(run_dir / "params", abstract_params)
     tc = cfg.entropy_train if kind == "entropy" else cfg.train
-    abstract = jax.eval_shape(lambda p: init_train_state(p, make_optimizer(tc)), abstract_params)
+    abstract = on_local_device(jax.eval_shape(lambda p: init_train_state(p, make_optimizer(tc)), abstract_params))
     mngr = open_manager(run_dir, keep=tc.keep_checkpoints, async_save=False)
     try:
         _, state = restore(mngr, abstract, None, step)
