@@ -136,6 +136,15 @@ def _layout_and_cells(model, batch, t=0.5, seed=3):
     return ctx, lay, cells, masked
 
 
+def _both_layouts(model, batch):
+    """Every block's logits (B, nb, Bk, V) in the training layout and in generation's (inference) layout."""
+    ctx, lay, cells, masked = _layout_and_cells(model, batch)
+    N = batch["tokens"].shape[1]
+    train_layout = diffusion.decode_blocks(model, ctx, lay, cells)[:, N:].reshape(cells.shape + (-1,))
+    inference = diffusion.inference_layout_logits(model, batch["tokens"], batch["patch_starts"], lay, cells, P)
+    return train_layout, inference, lay, masked
+
+
 def test_training_layout_equals_inference_layout(random_blt_d):
     """Each block's logits in the training layout equal those of the block decoded alone after its truncated
     prefix, as generation does: the training layout can see nothing generation cannot."""
@@ -143,11 +152,7 @@ def test_training_layout_equals_inference_layout(random_blt_d):
 
     @jax.jit
     def both(params):
-        model = nnx.merge(graphdef, params)
-        ctx, lay, cells, masked = _layout_and_cells(model, batch)
-        N = batch["tokens"].shape[1]
-        train_layout = diffusion.decode_blocks(model, ctx, lay, cells)[:, N:].reshape(cells.shape + (-1,))
-        inference = diffusion.inference_layout_logits(model, batch["tokens"], batch["patch_starts"], lay, cells, P)
+        train_layout, inference, lay, masked = _both_layouts(nnx.merge(graphdef, params), batch)
         return train_layout, inference, lay.live, masked
 
     train_layout, inference, live, masked = both(params)
@@ -291,11 +296,7 @@ def _masked_accuracies(cfg, run_dir, root):
 
     @jax.jit
     def counts(params, batch):
-        model = nnx.merge(graphdef, params)
-        ctx, lay, cells, masked = _layout_and_cells(model, batch)
-        N = batch["tokens"].shape[1]
-        train_layout = diffusion.decode_blocks(model, ctx, lay, cells)[:, N:].reshape(cells.shape + (-1,))
-        inference = diffusion.inference_layout_logits(model, batch["tokens"], batch["patch_starts"], lay, cells, P)
+        train_layout, inference, lay, masked = _both_layouts(nnx.merge(graphdef, params), batch)
         hist = jnp.zeros(260).at[lay.targets].add(masked.astype(jnp.float32))
         return (diffusion.masked_accuracy(train_layout, lay, masked)[0],
                 diffusion.masked_accuracy(inference, lay, masked)[0], masked.sum(), hist)
@@ -314,11 +315,7 @@ def test_leaky_mask_breaks_the_layout_equivalence(random_blt_d, monkeypatch):
 
     @jax.jit
     def gap(params):
-        model = nnx.merge(graphdef, params)
-        ctx, lay, cells, masked = _layout_and_cells(model, batch)
-        N = batch["tokens"].shape[1]
-        train_layout = diffusion.decode_blocks(model, ctx, lay, cells)[:, N:].reshape(cells.shape + (-1,))
-        inference = diffusion.inference_layout_logits(model, batch["tokens"], batch["patch_starts"], lay, cells, P)
+        train_layout, inference, lay, _ = _both_layouts(nnx.merge(graphdef, params), batch)
         return jnp.max(jnp.abs(train_layout - inference) * lay.live[..., None])
 
     assert float(gap(params)) > 1e-2
