@@ -84,7 +84,8 @@ def cmd_train(args) -> int:
     cfg = _run_config(args)
     counts = param_counts(cfg.model.entropy_model if args.what == "entropy" else cfg.model)
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()), flush=True)
-    summary = train(args.what, cfg, args.run, entropy_run=args.entropy_run, progress=not args.no_progress)
+    summary = train(args.what, cfg, args.run, entropy_run=args.entropy_run, progress=not args.no_progress,
+                    stop_after=args.stop_after)
     print(json.dumps(summary, indent=2, default=float))
     return 0
 
@@ -116,6 +117,12 @@ def cmd_generate(args) -> int:
 
     prompts = _read_prompts(args)
     model = api.load(args.checkpoint)
+    if args.sharded:
+        from blt_jax import sharding  # noqa: PLC0415
+        from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
+
+        mesh_cfg = load_run_config(args.checkpoint)[1].mesh
+        model = api.on_mesh(model, sharding.make_mesh(mesh_cfg), mesh_cfg)
     kwargs = dict(max_new_bytes=args.max_new_bytes, method=args.method, seed=args.seed,
                   sampling=api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
                   stop_at_eos=not args.no_eos_stop, draft_len=args.draft_len, block_size=args.block_size,
@@ -175,6 +182,36 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_aot(args) -> int:
+    import jax  # noqa: PLC0415
+
+    if args.local_cpu_devices is not None:  # before jax starts its backends
+        jax.config.update("jax_num_cpu_devices", args.local_cpu_devices)
+    from blt_jax.aot import run_aot  # noqa: PLC0415
+
+    report = run_aot(_run_config(args), topology=args.topology, num_slices=args.num_slices,
+                     cpu_devices=args.local_cpu_devices)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process", "TPU pods need none of these (jax finds the pod itself)")
+    g.add_argument("--coordinator", help="host:port of process 0 (env BLT_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, help="processes in the job (env BLT_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, help="this process's index (env BLT_PROCESS_ID)")
+    g.add_argument("--local-cpu-devices", type=int,
+                   help="virtual CPU devices in this process (CPU-only runs; env BLT_LOCAL_CPU_DEVICES)")
+
+
+def _start_distributed(args) -> None:
+    from blt_jax import distributed  # noqa: PLC0415
+
+    distributed.initialize(distributed.DistributedConfig.from_env(
+        coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+        local_cpu_devices=args.local_cpu_devices))
+
+
 def _add_objective_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("next-byte", "blt-d"),
                    help="next-byte: plain BLT; blt-d: BLT plus the block masked-diffusion loss of Fast BLT "
@@ -221,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--entropy-run", help="entropy-model run (default: the one recorded in the data store)")
     _add_objective_args(t)
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--stop-after", type=int, help="end at this step with a checkpoint, as a preemption would "
+                                                  "(the schedule still targets train.steps; run again to resume)")
+    _add_distributed_args(t)
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="held-out bits per byte of a run (and a unigram baseline)")
@@ -254,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-eos-stop", action="store_true", help="always generate max-new-bytes bytes")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.add_argument("--sharded", action="store_true",
+                   help="split parameters over all local devices by the run's mesh config, and the prompt batch "
+                        "(and every cache) over its batch axes")
     g.set_defaults(fn=cmd_generate)
 
     cv = sub.add_parser("convert", help="import a transformers Blt checkpoint, or export a run to one")
@@ -266,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("dst")
     cv.set_defaults(fn=cmd_convert)
 
+    a = sub.add_parser("aot", help="compile the train step ahead of time for a target topology and report "
+                                   "per-device memory (does the config fit?)")
+    _add_config_args(a)
+    _add_objective_args(a)
+    a.add_argument("--topology", help="a TPU accelerator type, e.g. v5p-256, v6e-256 (needs libtpu: "
+                                      "pip install 'jax[tpu]'); default: this machine's devices")
+    a.add_argument("--num-slices", type=int, default=1, help="TPU slices (multi-slice; set mesh.dcn_parallelism)")
+    a.add_argument("--local-cpu-devices", type=int, help="compile for this many virtual CPU devices instead")
+    a.set_defaults(fn=cmd_aot)
+
     pa = sub.add_parser("params", help="parameter counts per component and FLOPs per byte of a preset")
     _add_config_args(pa)
     pa.set_defaults(fn=cmd_params)
@@ -275,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "coordinator"):  # before any other jax call
+            _start_distributed(args)
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("BLT_DEBUG"):

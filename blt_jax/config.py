@@ -250,6 +250,66 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, f"{name}.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# One table for every logical axis name a parameter or activation carries -> the mesh axes it is split over.
+# A dimension takes each listed mesh axis that is still free and divides it evenly; otherwise that axis is
+# skipped (the dimension stays replicated over it, which `sharding.check_params_sharded` reports for large
+# parameters). Parameters: FSDP over the model dimension, tensor parallelism over heads / MLP / vocabulary.
+# Activations: the batch over data and fsdp.
+DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # parameters
+    ("embed", ("fsdp",)),
+    ("q_heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("latent", ("tensor",)),
+    ("hash_vocab", ("tensor",)),
+    ("norm", ()),
+    # activations and caches
+    ("batch", ("data", "fsdp")),
+    ("length", ()),
+    ("act_embed", ()),
+)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh (axes data, fsdp, tensor) and how logical axis names map onto it.
+
+    `ici_parallelism` shapes the devices of one slice (one TPU slice, or one host's GPUs); `dcn_parallelism`
+    shapes the slices (multi-slice over the data-centre network; on CPU and GPU every process is a slice).
+    One entry of each may be -1: filled with whatever the device count leaves.
+    """
+
+    ici_parallelism: tuple[int, ...] = (1, -1, 1)
+    dcn_parallelism: tuple[int, ...] = (1, 1, 1)
+    logical_axis_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOGICAL_AXIS_RULES
+    # parameters at least this large must be split over some mesh axis when the mesh has > 1 device
+    min_sharded_param_bytes: int = 1 << 20
+
+    @property
+    def rules(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.logical_axis_rules)
+
+    def validate(self, name: str = "mesh") -> None:
+        for field_name in ("ici_parallelism", "dcn_parallelism"):
+            shape = getattr(self, field_name)
+            _check(len(shape) == len(MESH_AXES), f"{name}.{field_name}",
+                   f"needs one entry per mesh axis {MESH_AXES}, got {list(shape)}")
+            _check(all(n == -1 or n >= 1 for n in shape) and list(shape).count(-1) <= 1, f"{name}.{field_name}",
+                   f"entries must be >= 1, with at most one -1 (auto-fill), got {list(shape)}")
+        logical = [k for k, _ in self.logical_axis_rules]
+        _check(len(set(logical)) == len(logical), f"{name}.logical_axis_rules",
+               f"a logical axis is listed twice: {sorted(k for k in logical if logical.count(k) > 1)}")
+        for key, axes in self.logical_axis_rules:
+            _check(all(a in MESH_AXES for a in axes) and len(set(axes)) == len(axes), f"{name}.logical_axis_rules",
+                   f"{key!r} maps to {list(axes)}; mesh axes are {MESH_AXES}, each at most once")
+        _check(self.min_sharded_param_bytes >= 0, f"{name}.min_sharded_param_bytes",
+               f"must be >= 0, got {self.min_sharded_param_bytes}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one `blt train` run needs: the model, its data and the two training schedules."""
@@ -259,6 +319,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # the BLT
     entropy_train: TrainConfig = field(default_factory=TrainConfig)  # the entropy model, trained first
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def __post_init__(self):
         self.validate()
@@ -268,6 +329,7 @@ class RunConfig:
         self.data.validate("data")
         self.train.validate("train")
         self.entropy_train.validate("entropy_train")
+        self.mesh.validate("mesh")
         needed = self.model.patching.min_patches_needed(self.data.seq_len)
         _check(self.model.patching.max_patches >= needed, "model.patching.max_patches",
                f"{self.model.patching.max_patches} slots cannot hold a {self.data.seq_len}-byte window "
@@ -332,7 +394,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return tuple(_coerce(args[0], v, name) for v in value)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]
+            return tuple(_coerce(args[0], v, name) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{name}: expected {len(args)} items, got {value!r}")
+        return tuple(_coerce(a, v, name) for a, v in zip(args, value))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -480,6 +546,21 @@ PRESETS = {
     "fast-blt-1b": preset_fast_blt_1b,
     "fast-blt-3b": preset_fast_blt_3b,
 }
+
+
+def _blt_d_variant(base: str, block_size: int):
+    def preset() -> RunConfig:
+        cfg = PRESETS[base]()
+        model = dataclasses.replace(cfg.model, diffusion=DiffusionConfig(block_size=block_size))
+        return dataclasses.replace(cfg, name=f"{base}-d{block_size}", model=model)
+
+    preset.__doc__ = f"{base} trained as BLT-D-{block_size} (next-byte + block-wise masked diffusion)."
+    return preset
+
+
+for _base in ("fast-blt-1b", "fast-blt-3b"):
+    for _block in (4, 8, 16):
+        PRESETS[f"{_base}-d{_block}"] = _blt_d_variant(_base, _block)
 
 
 def get_preset(name: str) -> RunConfig:

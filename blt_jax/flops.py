@@ -65,3 +65,27 @@ def train_flops_per_byte(model_cfg: BLTConfig | EntropyModelConfig, seq_len: int
     # BLT-D decodes one block of B cells per patch besides the bytes: about B / patch_len decoder positions more
     cells = model_cfg.diffusion.block_size / patch_len
     return 3 * (per_byte["total"] + cells * per_byte["decoder"])
+
+
+# Dense bfloat16 peak FLOP/s per chip (vendor specifications), the denominator of MFU (float32 runs are
+# reported against it too, as MaxText and Levanter do). Matched against `jax.Device.device_kind`, first hit wins.
+PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5"
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; the PCIe card is lower (756e12)
+    ("A100", 312e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops_per_device(device_kind: str) -> Optional[float]:
+    """The table's peak for a device kind, or None (CPUs: measure it, see experiments/train_throughput.py)."""
+    for key, peak in PEAK_FLOPS_PER_DEVICE:
+        if key.lower() in device_kind.lower():
+            return peak
+    return None

@@ -1,6 +1,8 @@
-"""Training throughput of a preset on this machine: bytes/s, model FLOPs/s and their share of the measured
-matmul peak. Synthetic batches (random bytes, entropy patches from random entropies at the target mean
-patch length), so it needs no data store.
+"""Training throughput of a preset on this machine: bytes/s, model FLOPs/s and MFU, against the measured
+matmul peak of one device (CPU) and, on accelerators, against the chip's peak from `flops.PEAK_FLOPS_PER_DEVICE`.
+The train step is the real one: state created sharded on the config's mesh over every local device, batches
+split over the batch axes. Synthetic batches (random bytes, entropy patches from random entropies at the
+target mean patch length), so it needs no data store.
 
     python experiments/train_throughput.py --preset quickstart --steps 10
     python experiments/train_throughput.py --preset tiny --set data.batch_size=32 --what entropy
@@ -16,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax import flops, model as model_lib
+from blt_jax import flops, sharding
 from blt_jax.config import apply_overrides, get_preset
 from blt_jax.patching import calibrate_threshold, patch_ids, start_flags
 from blt_jax.tokenizer import BOS_ID
-from blt_jax.train.step import init_train_state, make_optimizer, make_step_fns
+from blt_jax.train.loop import to_device
+from blt_jax.train.step import create_train_state, make_optimizer, make_step_fns, plan_train_state
 
 
 def matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
@@ -49,8 +52,8 @@ def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, float]:
     starts = start_flags(patching, tokens[:, :S], H, thr)
     ids = patch_ids(starts, patching.max_patches)
     batch = {"tokens": tokens[:, :S], "targets": tokens[:, 1:], "loss_mask": np.asarray(ids.valid, np.float32),
-             "patch_starts": starts}
-    return {k: jnp.asarray(v) for k, v in batch.items()}, float(B * S) / float(starts[:, :S].sum())
+             "patch_starts": starts, "dropped_bytes": np.sum(~np.asarray(ids.valid), axis=1).astype(np.int32)}
+    return batch, float(B * S) / float(starts[:, :S].sum())
 
 
 def main() -> None:
@@ -64,33 +67,42 @@ def main() -> None:
     kind = args.what
     model_cfg = cfg.model.entropy_model if kind == "entropy" else cfg.model
     tc = cfg.entropy_train if kind == "entropy" else cfg.train
-    graphdef, params = model_lib.build(model_cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
     tx = make_optimizer(tc)
-    state = init_train_state(params, tx)
-    fns = make_step_fns(kind, graphdef, tx, tc)
-    batch, patch_len = synthetic_batch(cfg)
-    t = time.perf_counter()
-    state, m = fns.train_step(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
+    graphdef, placement = plan_train_state(model_cfg, tx, mesh, cfg.mesh.rules, cfg.mesh.min_sharded_param_bytes)
+    state = create_train_state(model_cfg, tx, tc.seed, placement)
+    fns = make_step_fns(kind, graphdef, tx, tc, placement=placement)
+    host_batch, patch_len = synthetic_batch(cfg)
+    if kind == "entropy":
+        host_batch = {k: host_batch[k] for k in ("tokens", "targets", "loss_mask")}
+    batch = to_device(host_batch, placement, process_local=False)
     times = []
-    for _ in range(args.steps):
+    with jax.set_mesh(mesh):
         t = time.perf_counter()
         state, m = fns.train_step(state, batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+        compile_s = time.perf_counter() - t
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            state, m = fns.train_step(state, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     bytes_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_byte = flops.train_flops_per_byte(model_cfg, cfg.data.seq_len, patch_len)
-    peak = matmul_peak(jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32)
+    peak = matmul_peak(jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32)  # one device
     achieved = flops_per_byte * bytes_per_step / step_s
+    n = jax.device_count()
+    chip_peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
     print(json.dumps({
-        "preset": cfg.name, "what": kind, "device": str(jax.devices()[0].device_kind),
-        "compute_dtype": tc.compute_dtype, "batch": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
-        "mean_patch_length": patch_len, "compile_seconds": round(compile_s, 2),
-        "step_seconds_median": step_s, "step_seconds_min": min(times),
+        "preset": cfg.name, "what": kind, "device": str(jax.devices()[0].device_kind), "devices": n,
+        "mesh": dict(mesh.shape), "compute_dtype": tc.compute_dtype, "batch": cfg.data.batch_size,
+        "seq_len": cfg.data.seq_len, "remat": tc.remat, "mean_patch_length": patch_len,
+        "compile_seconds": round(compile_s, 2), "step_seconds_median": step_s, "step_seconds_min": min(times),
         "bytes_per_second": bytes_per_step / step_s, "train_flops_per_byte": flops_per_byte,
-        "model_flops_per_second": achieved, "matmul_peak_flops_per_second": peak, "mfu_vs_measured_peak": achieved / peak,
+        "model_flops_per_second": achieved, "matmul_peak_flops_per_second_per_device": peak,
+        "mfu_vs_measured_peak": achieved / (peak * n),
+        "mfu_vs_chip_peak": achieved / (chip_peak * n) if chip_peak else None,
     }, indent=2))
 
 

@@ -70,7 +70,7 @@ def test_cached_ar_without_max_patch_length():
                 ids_of(api.generate(m, ps, max_new_bytes=20, method="ar-nocache")), "no max_patch_length")
 
 
-@pytest.mark.parametrize("k", [4, 8, 16])
+@pytest.mark.parametrize("k", [pytest.param(4, marks=pytest.mark.slow), 8, pytest.param(16, marks=pytest.mark.slow)])
 def test_blt_s_greedy_equals_blt_greedy(plain, k):
     ps = prompts(56, seed=1)
     want = ids_of(api.generate(plain, ps, max_new_bytes=32, method="ar"))
@@ -80,6 +80,7 @@ def test_blt_s_greedy_equals_blt_greedy(plain, k):
     assert drafted > 0 and 0 <= sum(r.cost["accepted"] for r in res) <= drafted
 
 
+@pytest.mark.slow
 def test_verified_methods_equal_ar_under_sampling_too(plain):
     """Position-keyed randomness: BLT-S and BLT-DV sample exactly what AR samples."""
     ps = prompts(12, seed=2)
@@ -92,8 +93,9 @@ def test_verified_methods_equal_ar_under_sampling_too(plain):
     assert want != ids_of(api.generate(plain, ps, max_new_bytes=24, method="ar", sampling=s, seed=8))
 
 
-@pytest.mark.parametrize("rule", [UnmaskConfig("confidence", alpha=0.3), UnmaskConfig("entropy", gamma=1.5),
-                                  UnmaskConfig("one_step")])
+@pytest.mark.parametrize("rule", [UnmaskConfig("confidence", alpha=0.3),
+                                  pytest.param(UnmaskConfig("entropy", gamma=1.5), marks=pytest.mark.slow),
+                                  pytest.param(UnmaskConfig("one_step"), marks=pytest.mark.slow)])
 def test_blt_dv_equals_the_blt_d_models_own_ar(rule):
     m = random_model(block_size=8, seed=4)
     ps = prompts(8, seed=4)
@@ -114,7 +116,8 @@ def test_blt_d_runs_blocks_and_counts_calls():
         api.generate(random_model(), ["x"], method="d")
 
 
-@pytest.mark.parametrize("method,kwargs", [("ar", {}), ("s", {"draft_len": 5}), ("d", {"block_size": 4})])
+@pytest.mark.parametrize("method,kwargs", [pytest.param("ar", {}, marks=pytest.mark.slow), ("s", {"draft_len": 5}),
+                                           ("d", {"block_size": 4})])
 def test_streaming_yields_what_generate_returns(plain, method, kwargs):
     m = random_model(block_size=4, seed=6) if method == "d" else plain
     prompt = b"def f(x):"

@@ -112,12 +112,15 @@ def _fields_of(transform: grain.transforms.Map) -> tuple[str, ...]:
 
 def make_train_iterator(data_cfg: DataConfig, split: str, transform: grain.transforms.Map,
                         fields: Optional[Sequence[str]] = None, *, seed: int,
-                        process_index: Optional[int] = None, process_count: Optional[int] = None
-                        ) -> grain.DatasetIterator:
+                        process_index: Optional[int] = None, process_count: Optional[int] = None,
+                        start_step: int = 0) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's share of the split (batch_size // process_count windows).
 
-    `fields` defaults to the transform's `fields`. The iterator's state (get_state/set_state, or
-    grain.checkpoint with orbax) resumes exactly when `data_cfg.worker_count` is unchanged.
+    Global step s trains on windows [s * batch_size, (s + 1) * batch_size) of one shuffled stream, process p
+    taking every process_count-th of them from p: the global batches do not depend on the process count, so
+    `start_step` resumes a run on any number of processes. `fields` defaults to the transform's `fields`.
+    The iterator's state (get_state/set_state, or grain.checkpoint with orbax) resumes exactly when the
+    process count and `data_cfg.worker_count` are unchanged.
     """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -129,7 +132,8 @@ def make_train_iterator(data_cfg: DataConfig, split: str, transform: grain.trans
     if len(source) == 0:
         raise ValueError(f"{source!r} has no window: the split needs at least seq_len + 1 = "
                          f"{data_cfg.seq_len + 1} tokens, it has {source.num_tokens}")
-    ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)[index::count]
+    first = start_step * data_cfg.batch_size + index
+    ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)[first::count]
           .map(transform).batch(data_cfg.batch_size // count, drop_remainder=True).to_iter_dataset())
     if data_cfg.worker_count > 0:
         check_absl_flags()

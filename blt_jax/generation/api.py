@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -10,10 +11,12 @@ from typing import Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from blt_jax import sharding
 from blt_jax.config import ConfigError
 from blt_jax.generation.cost import ParamsForCost, eq8_bandwidth_gb
-from blt_jax.generation.model import LoadedModel, load_run
+from blt_jax.generation.model import LoadedModel, batch_devices, load_run, on_mesh
 from blt_jax.generation.nocache import generate_nocache
 from blt_jax.generation.prompts import prepare_prompts
 from blt_jax.generation.samplers import MethodConfig, advance, generate_cached, start_stream
@@ -21,7 +24,7 @@ from blt_jax.generation.sampling import SamplingConfig
 from blt_jax.generation.unmasking import UnmaskConfig
 from blt_jax.tokenizer import decode_bytes
 
-__all__ = ["SamplingConfig", "UnmaskConfig", "GenerationResult", "load", "generate", "stream", "METHODS"]
+__all__ = ["SamplingConfig", "UnmaskConfig", "GenerationResult", "load", "on_mesh", "generate", "stream", "METHODS"]
 
 METHODS = ("ar", "ar-nocache", "s", "d", "dv")
 
@@ -56,14 +59,32 @@ def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_siz
                         block_size=block_size or model.cfg.diffusion.block_size or 8, unmask=unmask)
 
 
-def _inputs(prompts, max_new_bytes: int, mc: Optional[MethodConfig], seed: int):
-    """Bucketed device inputs: (PromptBatch, (tokens, lengths, max_new, rngs)); padding rows get no budget."""
-    batch = prepare_prompts(prompts, max_new_bytes, extra_positions=0 if mc is None else mc.lookahead)
+def _inputs(model: LoadedModel, prompts, max_new_bytes: int, mc: Optional[MethodConfig], seed: int):
+    """Bucketed device inputs: (PromptBatch, (tokens, lengths, max_new, rngs)); padding rows get no budget.
+    On a mesh, rows are split over the batch axes (the batch padded to a multiple of their devices)."""
+    batch = prepare_prompts(prompts, max_new_bytes, extra_positions=0 if mc is None else mc.lookahead,
+                            batch_multiple=batch_devices(model))
     B = batch.tokens.shape[0]
-    rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.key_data(jax.random.key(seed)), i))(jnp.arange(B))
+    rngs = np.asarray(jax.vmap(lambda i: jax.random.fold_in(jax.random.key_data(jax.random.key(seed)), i))(
+        jnp.arange(B)))
     max_new = np.full((B,), max_new_bytes, np.int32)
     max_new[batch.num_prompts:] = 0
-    return batch, (jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(max_new), rngs)
+    arrays = (batch.tokens, batch.lengths, max_new, rngs)
+    if model.mesh is None:
+        return batch, tuple(jnp.asarray(a) for a in arrays)
+    rows = sharding.batch_sharding(model.mesh, dict(model.spec.sharding_rules), (B,), "generation batch")
+    return batch, tuple(jax.make_array_from_callback(a.shape, rows, lambda i, a=a: a[i]) for a in arrays)
+
+
+def _on_host(tree):
+    """Device results -> numpy, gathering rows that live on other processes' devices."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _mesh_context(model: LoadedModel):
+    return jax.set_mesh(model.mesh) if model.mesh is not None else contextlib.nullcontext()
 
 
 def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 128, method: str = "ar",
@@ -75,19 +96,20 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
     if method not in METHODS:
         raise ValueError(f"method: unknown generation method {method!r}; choose one of {METHODS}")
     mc = None if method == "ar-nocache" else method_config(model, method, draft_len, block_size, unmask)
-    batch, args = _inputs(prompts, max_new_bytes, mc, seed)
+    batch, args = _inputs(model, prompts, max_new_bytes, mc, seed)
     B = batch.tokens.shape[0]
     t = time.time()
-    if mc is None:
-        out = jax.device_get(generate_nocache(model.spec, sampling, model.pytrees(), *args, stop_at_eos=stop_at_eos))
-        lengths = out.lengths
-        calls = {k: out.forward_calls for k in ("decoder_calls", "encoder_calls", "global_calls", "entropy_calls")}
-        calls.update(drafted=np.zeros(B, int), accepted=np.zeros(B, int))
-    else:
-        st = generate_cached(model.spec, mc, sampling, model.pytrees(), *args, prompt_len=batch.prompt_len,
-                             stop_at_eos=stop_at_eos)
-        out = jax.device_get(st)
-        lengths, calls = out.length, out.counters
+    with _mesh_context(model):
+        if mc is None:
+            out = _on_host(generate_nocache(model.spec, sampling, model.pytrees(), *args, stop_at_eos=stop_at_eos))
+            lengths = out.lengths
+            calls = {k: out.forward_calls for k in ("decoder_calls", "encoder_calls", "global_calls",
+                                                    "entropy_calls")}
+            calls.update(drafted=np.zeros(B, int), accepted=np.zeros(B, int))
+        else:
+            out = _on_host(generate_cached(model.spec, mc, sampling, model.pytrees(), *args,
+                                           prompt_len=batch.prompt_len, stop_at_eos=stop_at_eos))
+            lengths, calls = out.length, out.counters
     seconds = time.time() - t
     params = ParamsForCost.of(model.cfg)
     results = []
@@ -119,7 +141,9 @@ def stream(model: LoadedModel, prompt: str, max_new_bytes: int = 128, method: st
     mc = method_config(model, method, draft_len, block_size, unmask)
     if method == "d":  # whole blocks per call, so the blocks fall where `generate`'s do
         chunk_bytes = -(-chunk_bytes // mc.block_size) * mc.block_size
-    batch, (tokens, lengths, max_new, rngs) = _inputs([prompt], max_new_bytes, mc, seed)
+    if model.mesh is not None:
+        raise ValueError("stream: streams one prompt on one device; generate batches on a mesh with `generate`")
+    batch, (tokens, lengths, max_new, rngs) = _inputs(model, [prompt], max_new_bytes, mc, seed)
     carry = start_stream(model.spec, mc, model.pytrees(), tokens, lengths, prompt_len=batch.prompt_len)
     start = emitted = int(batch.lengths[0])
     for budget in range(chunk_bytes, max_new_bytes + chunk_bytes, chunk_bytes):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from blt_jax import sharding
 from blt_jax.generation.model import ModelSpec
 from blt_jax.model.entropy_model import entropies
 from blt_jax.model.layers import init_caches
@@ -60,13 +61,14 @@ def patch_slots(buffer: int) -> int:
 
 
 def init_state(spec: ModelSpec, batch: int, buffer: int, dtype=jnp.float32) -> EngineState:
+    """Empty buffers and caches, split over the batch axes when the model lives on a mesh."""
     cfg = spec.cfg
     P = patch_slots(buffer)
     dec = cfg.decoder
     n_cross = dec.n_layers if cfg.decoder_cross_attn_all_layers else 1
     cross_shape = (batch, P, cfg.cross_attn_k, dec.kv_heads, dec.head_dim)
     zeros_b = jnp.zeros((batch,), jnp.int32)
-    return EngineState(
+    return sharding.constrain_batch(EngineState(
         tokens=jnp.zeros((batch, buffer), jnp.int32), entropy=jnp.zeros((batch, buffer), jnp.float32),
         enc_h=jnp.zeros((batch, buffer, cfg.encoder.dim), dtype), length=zeros_b, num_closed=zeros_b,
         next_logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
@@ -76,7 +78,7 @@ def init_state(spec: ModelSpec, batch: int, buffer: int, dtype=jnp.float32) -> E
         global_kv=init_caches(cfg.global_model, batch, P, dtype),
         cross_kv=[(jnp.zeros(cross_shape, dtype), jnp.zeros(cross_shape, dtype)) for _ in range(n_cross)],
         counters={name: zeros_b for name in COUNTERS},
-    )
+    ))
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------

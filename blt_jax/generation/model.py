@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from blt_jax import model as model_lib
-from blt_jax.config import BLTConfig, ConfigError
+from blt_jax import model as model_lib, sharding
+from blt_jax.config import BLTConfig, ConfigError, MeshConfig
 from blt_jax.model.entropy_model import entropies
 from blt_jax.patching import start_flags
 
@@ -24,6 +26,8 @@ class ModelSpec:
     graphdef: nnx.GraphDef
     entropy_graphdef: Optional[nnx.GraphDef]
     threshold: Optional[float]
+    # logical-axis rules of the mesh the parameters live on (empty: one device); samplers constrain by them
+    sharding_rules: tuple = ()
 
 
 @dataclass
@@ -31,6 +35,7 @@ class LoadedModel:
     spec: ModelSpec
     params: Any
     entropy_params: Any  # None unless entropy patching
+    mesh: Optional[jax.sharding.Mesh] = None  # set by `on_mesh`: generation splits batches over it
 
     @property
     def cfg(self) -> BLTConfig:
@@ -47,6 +52,26 @@ def from_params(cfg: BLTConfig, params: Any, entropy_params: Any = None) -> Load
     if cfg.patching.mode == "entropy" and (entropy_params is None or cfg.patching.threshold is None):
         raise ConfigError("model.patching: entropy patching needs the entropy model's parameters and a threshold")
     return LoadedModel(ModelSpec(cfg, graphdef, egd, cfg.patching.threshold), params, entropy_params)
+
+
+def on_mesh(model: LoadedModel, mesh: jax.sharding.Mesh, mesh_cfg: MeshConfig = MeshConfig()) -> LoadedModel:
+    """The model with its parameters split over `mesh` by their logical axes; generation then splits prompt
+    batches (and with them every cache) over the batch axes."""
+    rules = mesh_cfg.rules
+
+    def place(params):
+        return None if params is None else jax.device_put(params, sharding.tree_shardings(params, mesh, rules))
+
+    spec = dataclasses.replace(model.spec, sharding_rules=tuple(mesh_cfg.logical_axis_rules))
+    return LoadedModel(spec, place(model.params), place(model.entropy_params), mesh)
+
+
+def batch_devices(model: LoadedModel) -> int:
+    """Devices a generation batch is split over (1 without a mesh)."""
+    if model.mesh is None:
+        return 1
+    rules = dict(model.spec.sharding_rules)
+    return int(np.prod([model.mesh.shape[a] for a in rules.get("batch", ())]))
 
 
 def load_run(run_dir: str | Path, step: Optional[int] = None) -> LoadedModel:

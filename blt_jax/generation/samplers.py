@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from blt_jax import sharding
 from blt_jax.config import ConfigError
 from blt_jax.generation import engine
 from blt_jax.generation.model import ModelSpec
@@ -209,8 +210,9 @@ def generate_cached(spec: ModelSpec, method: MethodConfig, sampling: SamplingCon
     lookahead; prompt_len: the static prompt bucket prefilled as one chunk. Returns the final EngineState
     (tokens, length, counters)."""
     _check(spec)
-    c = _prefill(spec, method, params, tokens, lengths, prompt_len)
-    return _run(spec, method, sampling, params, c, max_new, rngs, stop_at_eos).state
+    with sharding.activation_rules(spec.sharding_rules):
+        c = _prefill(spec, method, params, tokens, lengths, prompt_len)
+        return _run(spec, method, sampling, params, c, max_new, rngs, stop_at_eos).state
 
 
 @partial(jax.jit, static_argnames=("spec", "method", "prompt_len"))
@@ -218,10 +220,12 @@ def start_stream(spec: ModelSpec, method: MethodConfig, params: dict, tokens: ja
                  prompt_len: int) -> Carry:
     """Streaming: prefill once, then `advance` repeatedly with a growing budget (one compile each)."""
     _check(spec)
-    return _prefill(spec, method, params, tokens, lengths, prompt_len)
+    with sharding.activation_rules(spec.sharding_rules):
+        return _prefill(spec, method, params, tokens, lengths, prompt_len)
 
 
 @partial(jax.jit, static_argnames=("spec", "method", "sampling", "stop_at_eos"), donate_argnums=(4,))
 def advance(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict, carry: Carry,
             max_new: jax.Array, rngs: jax.Array, stop_at_eos: bool = True) -> Carry:
-    return _run(spec, method, sampling, params, carry, max_new, rngs, stop_at_eos)
+    with sharding.activation_rules(spec.sharding_rules):
+        return _run(spec, method, sampling, params, carry, max_new, rngs, stop_at_eos)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blt_jax.config import StackConfig
+from blt_jax.sharding import constrain
 
 if TYPE_CHECKING:  # block_attention builds on this module
     from blt_jax.model.block_attention import BlockDiffusionMask
@@ -268,7 +269,7 @@ class Block(nnx.Module):
         h, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, offset)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache
+        return constrain(x, ("batch", "length", "act_embed")), cache
 
 
 def run_block(block: Block, x, rope, mask, cache=None, offset=None, remat: bool = False):

@@ -134,25 +134,36 @@ def save_params(path: str | Path, params: Any) -> None:
         ckptr.save(Path(path).absolute(), params, force=True)
 
 
-def on_local_device(abstract: Any) -> Any:
-    """Abstract leaves without a sharding placed on this process's first device: a checkpoint written on one
-    platform (CPU) then restores on another (GPU), whose device topology differs."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+def on_local_device(abstract: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
+    """Abstract leaves without a sharding placed on `sharding` (default: this process's first device): a
+    checkpoint written on one platform (CPU) then restores on another (GPU), whose device topology differs.
+    Multi-process runs pass a replicated mesh sharding (a host-local array cannot be saved collectively)."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
-                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
-def load_params(path: str | Path, abstract_params: Any) -> Any:
+def load_params(path: str | Path, abstract_params: Any, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(Path(path).absolute(), on_local_device(abstract_params))
+            return ckptr.restore(Path(path).absolute(), on_local_device(abstract_params, sharding))
         except (ValueError, KeyError) as e:
             raise CheckpointMismatch(f"{path} does not fit this model: {e}") from None
 
 
+def saved_process_count(mngr: ocp.CheckpointManager, step: int) -> Optional[int]:
+    """How many processes wrote a step's data-iterator state (grain writes one `process_i-of-N.json` each);
+    None when the step holds none."""
+    folder = Path(mngr.directory) / str(step) / "data_iter"
+    names = [p.name for p in folder.glob("process_*-of-*.json")] if folder.exists() else []
+    counts = {int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in names}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def load_trained_params(run_dir: str | Path, expect_kind: Optional[str] = None, model_cfg=None,
-                        step: Optional[int] = None) -> Any:
-    """The model parameters of a run's latest (or given) checkpoint."""
+                        step: Optional[int] = None, sharding: Optional[jax.sharding.Sharding] = None) -> Any:
+    """The model parameters of a run's latest (or given) checkpoint (on `sharding`, default: one local
+    device)."""
     kind, cfg, _ = load_run_config(run_dir)
     if expect_kind is not None and kind != expect_kind:
         raise CheckpointMismatch(f"{run_dir} holds a {kind!r} run, expected {expect_kind!r}")
@@ -163,9 +174,10 @@ def load_trained_params(run_dir: str | Path, expect_kind: Optional[str] = None, 
     _, abstract_params = model_lib.abstract_state(own_cfg)
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").exists() and (run_dir / "params").exists():  # converted: parameters only
-        return load_params(run_dir / "params", abstract_params)
+        return load_params(run_dir / "params", abstract_params, sharding)
     tc = cfg.entropy_train if kind == "entropy" else cfg.train
-    abstract = on_local_device(jax.eval_shape(lambda p: init_train_state(p, make_optimizer(tc)), abstract_params))
+    abstract = on_local_device(jax.eval_shape(lambda p: init_train_state(p, make_optimizer(tc)), abstract_params),
+                               sharding)
     mngr = open_manager(run_dir, keep=tc.keep_checkpoints, async_save=False)
     try:
         _, state = restore(mngr, abstract, None, step)

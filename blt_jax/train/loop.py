@@ -11,16 +11,18 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from blt_jax import flops, model as model_lib
+from blt_jax import flops, model as model_lib, sharding
 from blt_jax.config import ConfigError, RunConfig
 from blt_jax.data import pipeline, store
 from blt_jax.objectives import LN2
 from blt_jax.train import checkpoint as ckpt
 from blt_jax.train.checkpoint import load_trained_params
 from blt_jax.train.metrics import MetricsWriter
-from blt_jax.train.step import init_train_state, make_optimizer, make_step_fns
+from blt_jax.train.step import Placement, create_train_state, make_optimizer, make_step_fns, plan_train_state
 
 KINDS = ("entropy", "blt")
 
@@ -65,16 +67,33 @@ def resolve_task(kind: str, cfg: RunConfig) -> Task:
                 pipeline.PatchedWindows(eval_patching, patching.threshold), cfg.data.seq_len + 1)
 
 
-def to_device(batch: dict) -> dict:
-    """Host batch -> device arrays (a sharded global batch once a mesh is configured)."""
-    return {k: jnp.asarray(v) for k, v in batch.items()}
+def sync_processes(name: str) -> None:
+    """Barrier across processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
-def evaluate(step_fns, params, batches: list[dict]) -> dict[str, float]:
+def to_device(batch: dict, placement: Optional[Placement] = None, process_local: bool = True) -> dict:
+    """Host batch -> device arrays. With a placement, a global batch split over the batch axes: built from
+    each process's own rows (`process_local`, training) or from a full copy every process holds (eval)."""
+    if placement is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    rows = placement.batch_rows
+    out = {}
+    for k, v in batch.items():
+        if process_local:
+            shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+            out[k] = jax.make_array_from_process_local_data(rows, v, shape)
+        else:
+            out[k] = jax.make_array_from_callback(v.shape, rows, lambda index, v=v: v[index])
+    return out
+
+
+def evaluate(step_fns, params, batches: list[dict], placement: Optional[Placement] = None) -> dict[str, float]:
     """Held-out bits per byte over fixed batches (exact: summed NLL / summed bytes)."""
     nll = count = patches = 0.0
     for b in batches:
-        stats = jax.device_get(step_fns.eval_step(params, to_device(b)))
+        stats = jax.device_get(step_fns.eval_step(params, to_device(b, placement, process_local=False)))
         nll += float(stats["nll_sum"])
         count += float(stats["bytes"])
         patches += float(stats.get("patches", 0.0))
@@ -114,6 +133,15 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     run_dir = Path(run_dir)
     task = resolve_task(kind, cfg)
     cfg, tc = task.cfg, task.train_cfg
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx = make_optimizer(tc)
+    graphdef, placement = plan_train_state(task.model_cfg, tx, mesh, cfg.mesh.rules, cfg.mesh.min_sharded_param_bytes)
+    placement.check_batch(cfg.data.batch_size)
+    # every process must see the run directory as it was before any of them writes to it
+    resuming = (run_dir / ckpt.RUN_META).exists()
+    has_entropy_copy = (run_dir / "entropy_model").exists()
+    sync_processes("blt_jax: run directory inspected")
+
     extra: dict[str, Any] = {"data": cfg.data.path}
     entropy_params = None
     if kind == "blt" and cfg.model.patching.mode == "entropy":
@@ -121,31 +149,38 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
         if entropy_run is None:
             raise ConfigError("entropy_run: a BLT with entropy patching needs the entropy model's run directory")
         extra["entropy_run"] = str(entropy_run)
-        own_copy = run_dir / "entropy_model"
-        if (run_dir / ckpt.RUN_META).exists() and own_copy.exists():  # resuming: the run's own frozen copy
-            entropy_params = ckpt.load_params(own_copy, model_lib.abstract_state(cfg.model.entropy_model)[1])
+        on_mesh = sharding.replicated(mesh)  # small and frozen: a copy on every device
+        if resuming and has_entropy_copy:  # resuming: the run's own frozen copy
+            entropy_params = ckpt.load_params(run_dir / "entropy_model",
+                                              model_lib.abstract_state(cfg.model.entropy_model)[1], on_mesh)
         else:
             entropy_params = load_trained_params(entropy_run, expect_kind="entropy",
-                                                 model_cfg=cfg.model.entropy_model)
+                                                 model_cfg=cfg.model.entropy_model, sharding=on_mesh)
 
-    if (run_dir / ckpt.RUN_META).exists():
+    if resuming:
         ckpt.check_compatible(run_dir, kind, cfg)
     ckpt.write_run_meta(run_dir, kind, cfg, **extra)
-    if entropy_params is not None and not (run_dir / "entropy_model").exists():
+    if entropy_params is not None and not has_entropy_copy:
         ckpt.save_params(run_dir / "entropy_model", entropy_params)
 
-    graphdef, params = model_lib.build(task.model_cfg, seed=tc.seed)
-    tx = make_optimizer(tc)
-    state = init_train_state(params, tx)
-    step_fns = make_step_fns(kind, graphdef, tx, tc, eval_max_patches=task.eval_max_patches)
-
-    data_iter = pipeline.make_train_iterator(cfg.data, "train", task.train_transform, task.fields, seed=cfg.data.seed)
+    step_fns = make_step_fns(kind, graphdef, tx, tc, eval_max_patches=task.eval_max_patches, placement=placement)
     eval_batches = pipeline.make_eval_batches(cfg.data, "heldout", task.eval_transform, task.fields,
                                               num_batches=tc.eval_batches)
     mngr = ckpt.open_manager(run_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-    start = 0
-    if mngr.latest_step() is not None:
-        start, state = ckpt.restore(mngr, jax.eval_shape(lambda: state), data_iter)
+    def train_iterator(start_step: int = 0):
+        return pipeline.make_train_iterator(cfg.data, "train", task.train_transform, task.fields,
+                                            seed=cfg.data.seed, start_step=start_step)
+
+    start, latest = 0, mngr.latest_step()
+    if latest is None:
+        state = create_train_state(task.model_cfg, tx, tc.seed, placement)
+        data_iter = train_iterator()
+    elif ckpt.saved_process_count(mngr, latest) in (None, jax.process_count()):
+        data_iter = train_iterator()
+        start, state = ckpt.restore(mngr, placement.abstract, data_iter)  # the iterators' exact states
+    else:  # written by another number of processes: their iterator states do not apply, but global batches
+        start, state = ckpt.restore(mngr, placement.abstract)  # depend on the step alone
+        data_iter = train_iterator(start_step=start)
     writer = MetricsWriter(run_dir)
     model_cfg = task.model_cfg
     window_bytes = cfg.data.batch_size * cfg.data.seq_len
@@ -157,9 +192,10 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     last_log_time, last_log_step = None, start
     t_begin = time.time()
     step = start
-    with _StopFlag() as stop:
+    peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
+    with _StopFlag() as stop, jax.set_mesh(mesh):
         while step < end and not stop.requested:
-            batch = to_device(next(data_iter))
+            batch = to_device(next(data_iter), placement)
             state, metrics = step_fns.train_step(state, batch)
             step += 1
             bar.update(1)
@@ -184,14 +220,18 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
                     row["bytes_per_second"] = bps
                     row["model_flops_per_second"] = bps * flops.train_flops_per_byte(
                         model_cfg, cfg.data.seq_len, patch_len)
+                    if peak is not None:  # model FLOPs utilisation of all devices
+                        row["mfu"] = row["model_flops_per_second"] / (peak * jax.device_count())
                 writer.write(step, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bits_per_byte']:.3f}",
                                 **({"B/s": f"{row['bytes_per_second']:.0f}"} if "bytes_per_second" in row else {}))
                 summary["last_train"] = row
                 last_log_time, last_log_step = now, step
             if tc.eval_every and step % tc.eval_every == 0 and step < end:
-                ev = evaluate(step_fns, state.params, eval_batches)
+                ev = evaluate(step_fns, state.params, eval_batches, placement)
                 writer.write(step, ev, prefix="heldout")
+            if jax.process_count() > 1 and step % tc.log_every == 0:  # stop together, or the save would hang
+                stop.requested = bool(multihost_utils.process_allgather(np.array(stop.requested)).any())
             if step % tc.checkpoint_every == 0 or step == end or stop.requested:
                 ckpt.save(mngr, step, state, data_iter)
     bar.close()
@@ -201,7 +241,8 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     interrupted = step < tc.steps
     summary.update(step=step, interrupted=interrupted, wall_seconds=time.time() - t_begin)
     if not interrupted:
-        ev = evaluate(step_fns, state.params, eval_batches)
+        with jax.set_mesh(mesh):
+            ev = evaluate(step_fns, state.params, eval_batches, placement)
         writer.write(step, ev, prefix="heldout")
         summary["heldout"] = ev
     writer.close()

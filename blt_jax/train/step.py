@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from blt_jax.config import TrainConfig
+from blt_jax import model as model_lib, sharding
+from blt_jax.config import BLTConfig, EntropyModelConfig, TrainConfig
 from blt_jax.model.layers import cast_floating
 from blt_jax.objectives import LN2, LOSSES
 
@@ -45,6 +46,54 @@ def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainStat
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a run's state and batches live: the mesh, its logical-axis rules, and the train state's
+    shardings (parameters and optimiser moments by their logical names; counters replicated)."""
+
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+    state: Any  # NamedSharding per TrainState leaf
+    abstract: Any  # TrainState of ShapeDtypeStructs carrying those shardings (restore target)
+
+    @property
+    def params(self) -> Any:
+        return self.state.params
+
+    @property
+    def batch_rows(self) -> jax.sharding.NamedSharding:
+        """Batches: rows split over the batch axes (the global batch must be a multiple of their size)."""
+        axes = tuple(a for a in self.rules.get("batch", ()) if self.mesh.shape[a] > 1)
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(axes or None))
+
+    def check_batch(self, batch_size: int, what: str = "data.batch_size") -> None:
+        sharding.batch_sharding(self.mesh, self.rules, (batch_size,), what)
+
+
+def plan_train_state(model_cfg: BLTConfig | EntropyModelConfig, tx: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh, rules: sharding.Rules, min_sharded_bytes: int = 0
+                     ) -> tuple[nnx.GraphDef, Placement]:
+    """Shapes and shardings of the train state, computed abstractly (nothing is allocated); fails when a
+    large parameter would be replicated on a multi-device mesh."""
+    graphdef, abstract_params = model_lib.abstract_state(model_cfg)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
+    shardings = sharding.tree_shardings(abstract, mesh, rules)
+    sharding.check_params_sharded(abstract.params, shardings.params, min_sharded_bytes)
+    return graphdef, Placement(mesh, rules, shardings, sharding.with_shardings(abstract, shardings))
+
+
+def create_train_state(model_cfg: BLTConfig | EntropyModelConfig, tx: optax.GradientTransformation, seed: int,
+                       placement: Placement) -> TrainState:
+    """Initialise parameters and optimiser state directly into their shardings: each device computes only
+    its own shards, so no host or device ever holds the whole model."""
+
+    def init():
+        return init_train_state(model_lib.build(model_cfg, seed)[1], tx)
+
+    with jax.set_mesh(placement.mesh):
+        return jax.jit(init, out_shardings=placement.state)()
+
+
+@dataclass(frozen=True)
 class StepFns:
     """The jitted entry points of one training task."""
 
@@ -53,17 +102,21 @@ class StepFns:
 
 
 def make_step_fns(kind: str, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig,
-                  eval_max_patches: Optional[int] = None) -> StepFns:
+                  eval_max_patches: Optional[int] = None, placement: Optional[Placement] = None) -> StepFns:
     """`eval_max_patches`: patch slots for evaluation (enough for every byte, so held-out bytes are never
-    dropped by truncation)."""
+    dropped by truncation). With a `placement`, the steps take and return the state in its shardings and
+    batches split over the batch axes; call them under `jax.set_mesh(placement.mesh)`."""
     loss_impl = LOSSES[kind]
     dtype = jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32
 
     base_key = jax.random.key(tc.seed)
 
+    rules = placement.rules if placement is not None else None
+
     def loss_fn(params, batch, rng, remat, max_patches=None):
         model = nnx.merge(graphdef, cast_floating(params, dtype) if dtype != jnp.float32 else params)
-        return loss_impl(model, batch, rng, remat, dtype, max_patches)
+        with sharding.activation_rules(rules):
+            return loss_impl(model, batch, rng, remat, dtype, max_patches)
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(base_key, state.step)  # per-step randomness (BLT-D corruption): resumable
@@ -79,4 +132,11 @@ def make_step_fns(kind: str, graphdef: nnx.GraphDef, tx: optax.GradientTransform
         _, stats = loss_fn(params, batch, None, False, eval_max_patches)  # no rng: next-byte only (BLT-D too)
         return stats
 
-    return StepFns(train_step=jax.jit(train_step, donate_argnums=0), eval_step=jax.jit(eval_step))
+    if placement is None:
+        return StepFns(train_step=jax.jit(train_step, donate_argnums=0), eval_step=jax.jit(eval_step))
+    batch = placement.batch_rows
+    metrics = sharding.replicated(placement.mesh)
+    return StepFns(
+        train_step=jax.jit(train_step, in_shardings=(placement.state, batch), out_shardings=(placement.state, metrics),
+                           donate_argnums=0),
+        eval_step=jax.jit(eval_step, in_shardings=(placement.params, batch), out_shardings=metrics))

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Start N processes of one command on this machine, joined by `jax.distributed` over localhost.
+
+    python launch/local.py --num-processes 2 --devices-per-process 4 -- blt train --preset tiny --run runs/x ...
+
+Each process gets BLT_COORDINATOR / BLT_NUM_PROCESSES / BLT_PROCESS_ID (read by `blt`, or by
+`blt_jax.distributed.initialize()` in your own script) and BLT_LOCAL_CPU_DEVICES virtual CPU devices; CPU
+collectives run over gloo. Output lines are prefixed with the process id. If one process fails, the others
+are stopped (a peer waiting on a dead one would otherwise hang until its heartbeat timeout); the exit code
+is the first failure's, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pump(proc: subprocess.Popen, prefix: str, out) -> None:
+    for line in iter(proc.stdout.readline, b""):
+        out.write(f"{prefix}{line.decode(errors='replace')}")
+        out.flush()
+
+
+def launch(command: list[str], num_processes: int, devices_per_process: int, timeout: float = 0,
+           port: int = 0, env: dict | None = None, out=sys.stdout) -> int:
+    port = port or free_port()
+    procs = []
+    for pid in range(num_processes):
+        penv = dict(os.environ if env is None else env, BLT_COORDINATOR=f"127.0.0.1:{port}",
+                    BLT_NUM_PROCESSES=str(num_processes), BLT_PROCESS_ID=str(pid),
+                    BLT_LOCAL_CPU_DEVICES=str(devices_per_process), JAX_PLATFORMS="cpu")
+        # each process its own session: stopping it also stops its children (grain workers)
+        proc = subprocess.Popen(command, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        threading.Thread(target=_pump, args=(proc, f"[{pid}] ", out), daemon=True).start()
+        procs.append(proc)
+    deadline = time.time() + timeout if timeout else None
+    first_failure = 0
+    while any(p.poll() is None for p in procs):
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        expired = deadline is not None and time.time() > deadline
+        if failed or expired:
+            first_failure = failed[0] if failed else 124
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.wait()
+    return first_failure or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print("usage: launch/local.py [options] -- COMMAND ...", file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-processes", type=int, default=2)
+    p.add_argument("--devices-per-process", type=int, default=4, help="virtual CPU devices per process")
+    p.add_argument("--timeout", type=float, default=0, help="seconds before all processes are killed (0: none)")
+    p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    args = p.parse_args(argv[:split])
+    if args.num_processes < 1 or args.devices_per_process < 1:
+        p.error("--num-processes and --devices-per-process must be >= 1")
+    return launch(argv[split + 1:], args.num_processes, args.devices_per_process, args.timeout, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
