@@ -4,6 +4,7 @@ need 8 devices (tests/multidevice_checks.py) and two processes joined by jax.dis
 
 import importlib.util
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -114,6 +115,25 @@ def test_distributed_settings_are_complete_or_refused(monkeypatch):
     monkeypatch.setenv("BLT_NUM_PROCESSES", "four")
     with pytest.raises(DistributedError, match="BLT_NUM_PROCESSES='four'"):
         DistributedConfig.from_env()
+
+
+def _initialize_in_child(queue):
+    from blt_jax import distributed
+
+    # a complete multi-process setting that would block for a missing peer, were the guard not there
+    cfg = DistributedConfig(coordinator="127.0.0.1:9", num_processes=2, process_id=0, initialization_timeout=5)
+    queue.put(distributed.initialize(cfg))
+
+
+def test_data_loader_workers_never_join_the_cluster():
+    """grain's workers are spawned children that re-import the entry module; initialize() skips them."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_initialize_in_child, args=(queue,))
+    child.start()
+    assert queue.get(timeout=120) is False
+    child.join(timeout=60)
+    assert child.exitcode == 0
 
 
 def _run(cmd, env=None, timeout=900):
