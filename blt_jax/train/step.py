@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from blt_jax import model as model_lib, sharding
-from blt_jax.config import BLTConfig, EntropyModelConfig, TrainConfig
+from blt_jax.config import BLTConfig, ConfigError, EntropyModelConfig, TrainConfig
 from blt_jax.model.layers import cast_floating
 from blt_jax.objectives import LN2, LOSSES
 
@@ -66,7 +66,15 @@ class Placement:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(axes or None))
 
     def check_batch(self, batch_size: int, what: str = "data.batch_size") -> None:
+        """The batch splits evenly over the batch axes, and so that each process holds 1/process_count of its
+        rows (each reads only its own share of the data)."""
         sharding.batch_sharding(self.mesh, self.rules, (batch_size,), what)
+        held = {index[0].indices(batch_size)[:2]
+                for index in self.batch_rows.addressable_devices_indices_map((batch_size,)).values()}
+        if sum(stop - start for start, stop in held) * jax.process_count() != batch_size:
+            raise ConfigError(f"mesh: the batch axes {self.rules.get('batch')} must split the batch across the "
+                              f"{jax.process_count()} processes (each reads its own rows); put data or fsdp "
+                              f"parallelism across processes (e.g. mesh.dcn_parallelism) rather than only tensor")
 
 
 def plan_train_state(model_cfg: BLTConfig | EntropyModelConfig, tx: optax.GradientTransformation,
