@@ -39,7 +39,7 @@ def loaded(cfg, seed=0):
 
 # ---- attention ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("kv_heads", [pytest.param(4, marks=pytest.mark.slow), 1])  # 1: grouped queries too
 @pytest.mark.parametrize("with_segments", [False, True])
 @pytest.mark.parametrize("S,W", [(64, 16), (512, 512), (512, 200)])  # block-local; triangular (two windows)
 def test_windowed_attention_paths_equal_dense(kv_heads, with_segments, S, W):
@@ -222,6 +222,7 @@ def test_every_parameter_has_logical_axis_names():
         assert names is not None and len(names) == len(var.shape), path
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32():
     cfg = tiny_cfg()
     graphdef, params = model_lib.build(cfg)
@@ -236,6 +237,7 @@ def test_bfloat16_compute_tracks_float32():
     assert float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(b16, -1))) > 0.9
 
 
+@pytest.mark.slow
 def test_remat_gives_identical_gradients():
     from blt_jax.objectives import blt_loss
     cfg = tiny_cfg()

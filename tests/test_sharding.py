@@ -66,7 +66,7 @@ def test_logical_axes_map_to_free_dividing_mesh_axes():
 
 
 @pytest.mark.parametrize("preset,mesh_shape", [("fast-blt-1b", (1, 128, 1)), ("fast-blt-3b-d8", (2, 64, 2)),
-                                               ("blt-1b", (1, 256, 1))])
+                                               pytest.param("blt-1b", (1, 256, 1), marks=pytest.mark.slow)])
 def test_real_presets_are_fully_sharded_and_a_replicated_config_is_refused(preset, mesh_shape):
     cfg = get_preset(preset)
     mesh = _abstract_mesh(mesh_shape)
