@@ -50,35 +50,9 @@ example
 EOF
 }
 
-die() {
-  echo "tpu_vm.sh: $*" >&2
-  exit 1
-}
-
-need() {
-  local name
-  for name in "$@"; do
-    [[ -n "${!name:-}" ]] || die "set $name (see launch/tpu_vm.sh --help)"
-  done
-}
-
-# Quote one word for a POSIX shell: unchanged when it holds only safe characters, else single-quoted.
-sq() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# Quote a list of words into one command line.
-join_quoted() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(sq "$word")"
-  done
-  printf '%s' "$out"
-}
+LAUNCHER=tpu_vm.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 default_runtime() {
   case "$1" in

@@ -43,34 +43,9 @@ example (2 x v5p-256, data parallel across the slices, FSDP within each)
 EOF
 }
 
-die() {
-  echo "xpk.sh: $*" >&2
-  exit 1
-}
-
-need() {
-  local name
-  for name in "$@"; do
-    [[ -n "${!name:-}" ]] || die "set $name (see launch/xpk.sh --help)"
-  done
-}
-
-# Quote one word for a POSIX shell: unchanged when it holds only safe characters, else single-quoted.
-sq() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-join_quoted() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(sq "$word")"
-  done
-  printf '%s' "$out"
-}
+LAUNCHER=xpk.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 NUM_SLICES="${NUM_SLICES:-1}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
