@@ -142,15 +142,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int], what: str = "the batch") -> NamedSharding:
-    """Split dim 0 (the batch) as the rules say; every batch axis must divide it (no silent replication)."""
-    spec = logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules)
-    wanted = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
-    got = math.prod(mesh.shape[a] for a in ((spec[0],) if isinstance(spec[0], str) else spec[0] or ()))
-    if got != wanted:
+def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that batch rows are split over."""
+    return tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
+
+
+def batch_devices(mesh: Mesh, rules: Rules) -> int:
+    """How many ways a batch is split: its row count must be a multiple of this."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, shape: Optional[Sequence[int]] = None,
+                   what: str = "the batch") -> NamedSharding:
+    """Rows (dim 0) split over the batch axes. Given a `shape`, one whose rows they do not divide is refused
+    (never silently replicated)."""
+    n = batch_devices(mesh, rules)
+    if shape is not None and shape[0] % n:
         raise ConfigError(f"{what}: {shape[0]} rows cannot be split evenly over the batch mesh axes "
-                          f"{rules.get('batch')} ({wanted} devices); use a multiple of {wanted}")
-    return NamedSharding(mesh, spec)
+                          f"{rules.get('batch')} ({n} devices); use a multiple of {n}")
+    return NamedSharding(mesh, P(batch_axes(mesh, rules) or None))
 
 
 # ---- the replicated-parameter check -----------------------------------------------------------------------

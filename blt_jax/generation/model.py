@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from blt_jax import model as model_lib, sharding
@@ -70,8 +69,7 @@ def batch_devices(model: LoadedModel) -> int:
     """Devices a generation batch is split over (1 without a mesh)."""
     if model.mesh is None:
         return 1
-    rules = dict(model.spec.sharding_rules)
-    return int(np.prod([model.mesh.shape[a] for a in rules.get("batch", ())]))
+    return sharding.batch_devices(model.mesh, dict(model.spec.sharding_rules))
 
 
 def load_run(run_dir: str | Path, step: Optional[int] = None) -> LoadedModel:

@@ -62,8 +62,7 @@ class Placement:
     @property
     def batch_rows(self) -> jax.sharding.NamedSharding:
         """Batches: rows split over the batch axes (the global batch must be a multiple of their size)."""
-        axes = tuple(a for a in self.rules.get("batch", ()) if self.mesh.shape[a] > 1)
-        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(axes or None))
+        return sharding.batch_sharding(self.mesh, self.rules)
 
     def check_batch(self, batch_size: int, what: str = "data.batch_size") -> None:
         """The batch splits evenly over the batch axes, and so that each process holds 1/process_count of its
