@@ -90,15 +90,78 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from blt_jax.evaluate import heldout_bpb, unigram_bpb  # noqa: PLC0415
-    from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
+EVAL_TASKS = ("heldout", "bpb", "mc-next-line", "mc-gettext", "translate", "humaneval", "continuation")
 
-    result = heldout_bpb(args.checkpoint, args.store, args.split, args.batches)
-    data_root = args.store or load_run_config(args.checkpoint)[1].data.path
-    result["unigram_bits_per_byte"] = unigram_bpb(data_root, args.split)
-    print(json.dumps(result, indent=2))
+
+def _print_result(result: dict, compact: bool) -> None:
+    print(json.dumps(result, default=float) if compact else json.dumps(result, indent=2, default=float))
+
+
+def cmd_eval(args) -> int:
+    if args.task == "heldout":
+        from blt_jax.evaluate import heldout_bpb, unigram_bpb  # noqa: PLC0415
+        from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
+
+        result = heldout_bpb(args.checkpoint, args.store, args.split, args.batches)
+        data_root = args.store or load_run_config(args.checkpoint)[1].data.path
+        result["unigram_bits_per_byte"] = unigram_bpb(data_root, args.split)
+        _print_result(result, args.json)
+        return 0
+
+    from blt_jax.generation import api  # noqa: PLC0415
+    from blt_jax.tasks import translation  # noqa: PLC0415
+
+    if args.task in ("translate", "mc-gettext"):
+        try:  # before loading the model: a machine without catalogs skips at once
+            translation.catalog_files(args.lang)
+        except translation.NoCatalogs as e:
+            return _skip(args, str(e))
+    gen = dict(method=args.method,
+               sampling=api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+               draft_len=args.draft_len, block_size=args.block_size)
+    model = api.load(args.checkpoint)
+    try:
+        result = _run_task(args, model, gen)
+    except translation.NoCatalogs as e:
+        return _skip(args, str(e))
+    if not args.json:
+        result.pop("predictions", None)
+        result.pop("results", None)
+    _print_result(result, args.json)
     return 0
+
+
+def _skip(args, why: str) -> int:
+    print(f"blt eval: skipped: {why}", file=sys.stderr)
+    _print_result({"task": args.task, "skipped": why}, args.json)
+    return 0
+
+
+def _run_task(args, model, gen: dict) -> dict:
+    from blt_jax.tasks import code, continuation, multiple_choice, scoring, translation  # noqa: PLC0415
+
+    n = args.items
+    if args.task == "bpb":
+        from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
+
+        window = args.window or load_run_config(args.checkpoint)[1].data.seq_len
+        files = args.files or [str(f) for f in multiple_choice.heldout_files()]
+        result = scoring.bits_per_byte(model, files, window=window, batch_size=args.batch_size)
+        return {"task": "bpb", "corpus": "files" if args.files else "embedded held-out split", **result}
+    if args.task in ("mc-next-line", "mc-gettext"):
+        items = (multiple_choice.heldout_next_line_items(n or 100, args.seed) if args.task == "mc-next-line"
+                 else multiple_choice.gettext_choice_items(args.lang, n or 100, args.seed))
+        return {"task": args.task, **multiple_choice.evaluate(model, items, args.batch_size)}
+    if args.task == "translate":
+        return translation.evaluate(model, args.lang, n_items=n or 50, n_shots=args.shots, seed=args.seed,
+                                    max_new_bytes=args.max_new_bytes or 96, batch_size=args.batch_size, **gen)
+    if args.task == "humaneval":
+        ks = tuple(int(k) for k in args.k.split(","))
+        return code.evaluate(model, limit=n, n_samples=args.samples, max_new_bytes=args.max_new_bytes or 256,
+                             ks=ks, timeout=args.timeout, workers=args.workers, batch_size=args.batch_size,
+                             seed=args.seed, **gen)
+    return continuation.evaluate(model, n or 50, args.prompt_bytes, args.target_bytes, seed=args.seed,
+                                 batch_size=args.batch_size, **gen)
 
 
 def _read_prompts(args) -> list[str]:
@@ -263,11 +326,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_args(t)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="held-out bits per byte of a run (and a unigram baseline)")
+    e = sub.add_parser("eval", help="evaluate a run: held-out bits per byte (and a unigram baseline) by "
+                                    "default, or a task: bpb on any files, multiple choice, translation, "
+                                    "HumanEval, continuation")
     e.add_argument("--checkpoint", required=True, help="run directory")
-    e.add_argument("--store", help="data store root (default: the run's)")
-    e.add_argument("--split", default="heldout", choices=("heldout", "train"))
-    e.add_argument("--batches", type=int, default=None)
+    e.add_argument("--task", default="heldout", choices=EVAL_TASKS,
+                   help="heldout: bits/byte on the run's data store split + unigram baseline; bpb: bits/byte "
+                        "of --files (default: the embedded held-out files) in windows; mc-next-line / "
+                        "mc-gettext: multiple choice by likelihood; translate: few-shot English -> --lang on "
+                        "the machine's gettext catalogs (BLEU, chrF); humaneval: pass@k; continuation: "
+                        "continue held-out text (exact match, prefix, chrF)")
+    e.add_argument("--store", help="heldout: data store root (default: the run's)")
+    e.add_argument("--split", default="heldout", choices=("heldout", "train"), help="heldout: the split")
+    e.add_argument("--batches", type=int, default=None, help="heldout: eval batches")
+    e.add_argument("--files", nargs="+", help="bpb: files/folders to score")
+    e.add_argument("--window", type=int, help="bpb: bytes per window, each scored from BOS (default: the "
+                                              "run's training sequence length)")
+    e.add_argument("--items", type=int, help="items (default: 100 multiple choice, 50 translate/continuation, "
+                                             "all 164 HumanEval problems)")
+    e.add_argument("--lang", default="de", help="translate / mc-gettext: target language (a /usr/share/locale "
+                                                "folder name: de, fr, ...)")
+    e.add_argument("--shots", type=int, default=3, help="translate: examples in the prompt")
+    e.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem")
+    e.add_argument("--k", default="1,10,100", help="humaneval: comma-separated k of pass@k (k <= --samples)")
+    e.add_argument("--timeout", type=float, default=3.0, help="humaneval: seconds per test run")
+    e.add_argument("--workers", type=int, default=2, help="humaneval: parallel test runs")
+    e.add_argument("--prompt-bytes", type=int, default=128, help="continuation: prompt length")
+    e.add_argument("--target-bytes", type=int, default=32, help="continuation: bytes to continue")
+    e.add_argument("--max-new-bytes", type=int, help="generation budget (default: 96 translate, 256 humaneval)")
+    e.add_argument("--method", default="ar", choices=("ar", "ar-nocache", "s", "d", "dv"),
+                   help="generation method (see `blt generate`)")
+    e.add_argument("--draft-len", type=int, default=8)
+    e.add_argument("--block-size", type=int)
+    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    e.add_argument("--top-k", type=int, default=0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0, help="item selection and sampling")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--json", action="store_true", help="one compact JSON line, with per-item details")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text from a BLT run")

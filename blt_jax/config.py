@@ -503,6 +503,41 @@ def preset_quickstart() -> RunConfig:
     )
 
 
+def _scaling_preset(name: str, local_dim: int, global_dim: int, global_layers: int, steps: int) -> RunConfig:
+    """One size of the CPU scaling ladder (experiments/scaling.py): quickstart-shaped, 256-byte windows.
+
+    `train.steps` of the entropy-patched BLT sets the size's FLOP budget; every other variant of the size
+    (byte transformer, static patches, BLT-D) trains for the same FLOPs."""
+    local = dict(dim=local_dim, n_heads=2, ffn_dim=3 * local_dim, window=64)
+    model = BLTConfig(
+        encoder=StackConfig(n_layers=1, **local),
+        global_model=StackConfig(dim=global_dim, n_layers=global_layers, n_heads=2, ffn_dim=3 * global_dim),
+        decoder=StackConfig(n_layers=2, **local),
+        entropy_model=_entropy(96, 2, 2, 256, window=64),
+        patching=PatchingConfig(mode="entropy", threshold=None, max_patches=96, max_patch_length=8),
+        hash_vocab=4096,
+    )
+    schedule = dict(learning_rate=3e-3, log_every=10, eval_batches=24, checkpoint_every=1000, keep_checkpoints=1)
+    return RunConfig(
+        name=name, model=model,
+        data=DataConfig(seq_len=256, batch_size=16),
+        train=TrainConfig(steps=steps, warmup_steps=max(1, steps // 10), **schedule),
+        entropy_train=TrainConfig(steps=300, warmup_steps=30, **schedule),
+    )
+
+
+def preset_scaling_s() -> RunConfig:
+    return _scaling_preset("scaling-s", local_dim=48, global_dim=96, global_layers=2, steps=50)
+
+
+def preset_scaling_m() -> RunConfig:
+    return _scaling_preset("scaling-m", local_dim=64, global_dim=128, global_layers=3, steps=90)
+
+
+def preset_scaling_l() -> RunConfig:
+    return _scaling_preset("scaling-l", local_dim=80, global_dim=160, global_layers=3, steps=90)
+
+
 def _blt_1b_model(global_window: Optional[int], max_patch_length: Optional[int], global_dim: int = 2048,
                   global_heads: int = 16, global_ffn: int = 5632) -> BLTConfig:
     local = dict(dim=1024, n_heads=16, ffn_dim=ffn_dim_for(1024), window=512)
@@ -542,6 +577,9 @@ def preset_fast_blt_3b() -> RunConfig:
 PRESETS = {
     "tiny": preset_tiny,
     "quickstart": preset_quickstart,
+    "scaling-s": preset_scaling_s,
+    "scaling-m": preset_scaling_m,
+    "scaling-l": preset_scaling_l,
     "blt-1b": preset_blt_1b,
     "fast-blt-1b": preset_fast_blt_1b,
     "fast-blt-3b": preset_fast_blt_3b,

@@ -1,0 +1,142 @@
+"""Per-byte log-likelihoods of texts under a BLT: one jitted causal forward per (batch, length) bucket.
+
+Every text is scored as BOS + its bytes; entry i of a text's result is log2 p(byte_i | BOS, bytes_<i).
+The model's own entropy patching runs in-forward (the same `forward` generation uses); BLT-D models are
+scored in their causal (next-byte) mode, i.e. exactly this path. Right padding never changes the scores of
+earlier positions (patching and attention are causal), so a text's scores do not depend on its batch or
+bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blt_jax.generation.model import LoadedModel, ModelSpec, forward
+from blt_jax.tokenizer import BOE_ID, BOS_ID, OFFSET
+
+MIN_BUCKET = 64
+DEFAULT_MAX_BYTES = 4096
+
+
+def _as_bytes(text: bytes | str, i: int) -> bytes:
+    if isinstance(text, str):
+        return text.encode("utf-8")
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return bytes(text)
+    raise TypeError(f"text {i}: expected bytes or str, got {type(text).__name__}")
+
+
+def bucket_length(n: int) -> int:
+    """The padded input length for a text of n bytes: a power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _logprobs(spec: ModelSpec, pytrees: dict, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """inputs (B, S) = BOS + bytes[:-1] (right-padded), targets (B, S) = bytes (ids) -> log2 p(targets) (B, S)."""
+    logits, _ = forward(spec, pytrees, inputs)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return picked / jnp.log(2.0)
+
+
+def byte_logprobs(model: LoadedModel, texts: Sequence[bytes | str], batch_size: int = 8,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[np.ndarray]:
+    """log2 p(byte_i | BOS, bytes_<i) for every byte of every text (float64 arrays, one per text).
+
+    Texts are grouped by length bucket (a power of two >= 64 bytes) and run `batch_size` rows at a time
+    (short batches padded), so compilations are bounded by the number of buckets, never per text."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = [_as_bytes(t, i) for i, t in enumerate(texts)]
+    for i, d in enumerate(data):
+        if not d:
+            raise ValueError(f"text {i} is empty; scoring needs at least one byte")
+        if len(d) > max_bytes:
+            raise ValueError(f"text {i} has {len(d)} bytes, more than the limit of max_bytes={max_bytes}; "
+                             f"split it into windows (see bits_per_byte)")
+    out: list[Optional[np.ndarray]] = [None] * len(data)
+    by_bucket: dict[int, list[int]] = {}
+    for i, d in enumerate(data):
+        by_bucket.setdefault(bucket_length(len(d)), []).append(i)
+    pytrees = model.pytrees()
+    for S, idx in sorted(by_bucket.items()):
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start:start + batch_size]
+            inputs = np.full((batch_size, S), BOE_ID, np.int32)
+            targets = np.zeros((batch_size, S), np.int32)
+            inputs[:, 0] = BOS_ID
+            for r, i in enumerate(rows):
+                ids = np.frombuffer(data[i], np.uint8).astype(np.int32) + OFFSET
+                inputs[r, 1:len(ids)] = ids[:-1]
+                targets[r, :len(ids)] = ids
+            lp = np.asarray(_logprobs(model.spec, pytrees, jnp.asarray(inputs), jnp.asarray(targets)))
+            for r, i in enumerate(rows):
+                out[i] = lp[r, :len(data[i])].astype(np.float64)
+    return out  # type: ignore[return-value]
+
+
+def continuation_logprob(model: LoadedModel, pairs: Sequence[tuple[bytes | str, bytes | str]],
+                         batch_size: int = 8, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Total log2 p(continuation | BOS + context) per (context, continuation) pair: one forward of the
+    concatenation, summing the continuation's bytes. The context may be empty, the continuation may not."""
+    texts = []
+    sizes = []
+    for i, (ctx, cont) in enumerate(pairs):
+        c = _as_bytes(cont, i)
+        if not c:
+            raise ValueError(f"pair {i}: the continuation is empty; give at least one byte to score")
+        texts.append(_as_bytes(ctx, i) + c)
+        sizes.append(len(c))
+    lps = byte_logprobs(model, texts, batch_size=batch_size, max_bytes=max_bytes)
+    return np.array([lp[len(lp) - n:].sum() for lp, n in zip(lps, sizes)], np.float64)
+
+
+def _read_sources(paths_or_texts: Iterable) -> list[tuple[str, bytes]]:
+    """(name, bytes) per document: bytes are texts; str/PathLike are files or folders (every text file under)."""
+    from blt_jax.data.corpus import collect_files  # noqa: PLC0415
+
+    if isinstance(paths_or_texts, (str, bytes, bytearray, os.PathLike)):
+        paths_or_texts = [paths_or_texts]  # one path or text, not a sequence of characters
+    docs = []
+    for i, item in enumerate(paths_or_texts):
+        if isinstance(item, (bytes, bytearray)):
+            docs.append((f"<text {i}>", bytes(item)))
+        elif isinstance(item, (str, os.PathLike)):
+            for f in collect_files([item]):
+                docs.append((str(f), Path(f).read_bytes()))
+        else:
+            raise TypeError(f"item {i}: expected a path (str/PathLike) or a text (bytes), got {type(item).__name__}")
+    return docs
+
+
+def windows(data: bytes, window: int) -> list[bytes]:
+    """Consecutive non-overlapping windows of `window` bytes (the last may be shorter)."""
+    return [data[s:s + window] for s in range(0, len(data), window)]
+
+
+def bits_per_byte(model: LoadedModel, paths_or_texts: Iterable, window: int = 1024, batch_size: int = 8) -> dict:
+    """Bits per byte over documents split into windows of `window` bytes, each scored from its own BOS
+    (document style, like training). `paths_or_texts`: file or folder paths (str/PathLike; folders
+    contribute every non-empty text file under them) and/or raw texts as bytes."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1 byte, got {window}")
+    docs = _read_sources(paths_or_texts)
+    if not docs:
+        raise ValueError("bits_per_byte: nothing to score (no files or texts given)")
+    chunks = [w for _, d in docs for w in windows(d, window)]
+    if not chunks:
+        raise ValueError("bits_per_byte: every document is empty")
+    lps = byte_logprobs(model, chunks, batch_size=batch_size, max_bytes=max(window, 1))
+    total = float(sum(lp.sum() for lp in lps))
+    n = sum(len(c) for c in chunks)
+    return {"bits_per_byte": -total / n if n else math.nan, "bytes": n, "windows": len(chunks),
+            "documents": len(docs), "window": window}
