@@ -45,6 +45,9 @@ def variant_config(base: RunConfig, variant: str) -> tuple[str, RunConfig]:
         return "entropy", cfg
     if variant.startswith("static-"):
         patching = dataclasses.replace(model.patching, mode="static", patch_size=int(variant.split("-")[1]))
+        # enough patch slots for a whole window of static patches (entropy presets size them for ~4-byte patches)
+        patching = dataclasses.replace(patching, max_patches=max(patching.max_patches,
+                                                                 patching.min_patches_needed(base.data.seq_len)))
         return "blt", dataclasses.replace(base, model=dataclasses.replace(model, patching=patching))
     if variant == "entropy":
         return "blt", base
@@ -75,33 +78,55 @@ def non_embedding_params(kind: str, cfg: RunConfig) -> int:
     return c["encoder"] + c["global"] + c["decoder"]
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    variant: str
+    kind: str  # what `train` trains: "blt", or "entropy" (a plain byte LM) for the byte baseline
+    cfg: RunConfig
+    steps: int
+    flops_per_byte: float
+
+    @property
+    def train_bytes(self) -> int:
+        return self.steps * self.cfg.data.batch_size * self.cfg.data.seq_len
+
+
+def plan_size(base: RunConfig, variants: list[str], entropy_patch_length: float) -> list[PlannedRun]:
+    """Every variant of one size on the size's FLOP budget: the entropy BLT's `train.steps` windows at its
+    analytic FLOPs per byte (with the store's measured mean patch length)."""
+    bytes_per_step = base.data.batch_size * base.data.seq_len
+    budget = base.train.steps * bytes_per_step * flops_per_byte("blt", base, entropy_patch_length)
+    plans = []
+    for variant in variants:
+        kind, cfg = variant_config(base, variant)
+        fpb = flops_per_byte(kind, cfg, entropy_patch_length)
+        steps = max(1, round(budget / (fpb * bytes_per_step)))
+        plans.append(PlannedRun(variant, kind, with_steps(kind, cfg, steps), steps, fpb))
+    return plans
+
+
 def run_size(size: str, variants: list[str], workdir: Path, store_root: str, entropy_run: str) -> list[dict]:
     from blt_jax.train.loop import train  # noqa: PLC0415
 
     base = with_store(get_preset(size), store_root)
     patch_len = float(store.read_manifest(store_root)["patching_achieved"])
-    bytes_per_step = base.data.batch_size * base.data.seq_len
-    budget = base.train.steps * bytes_per_step * flops_per_byte("blt", base, patch_len)
     rows = []
-    for variant in variants:
-        kind, cfg = variant_config(base, variant)
-        fpb = flops_per_byte(kind, cfg, patch_len)
-        steps = max(1, round(budget / (fpb * bytes_per_step)))
-        cfg = with_steps(kind, cfg, steps)
-        run_dir = workdir / size / variant
+    for plan in plan_size(base, variants, patch_len):
+        run_dir = workdir / size / plan.variant
         t = time.time()
 
-        def fit():
-            summary = train(kind, cfg, run_dir / "run", entropy_run=entropy_run, progress=False)
+        def fit(plan=plan, run_dir=run_dir, t=t):
+            summary = train(plan.kind, plan.cfg, run_dir / "run", entropy_run=entropy_run, progress=False)
             return {"heldout": summary["heldout"], "seconds": time.time() - t}
 
-        result = cached_run(run_dir, cfg, fit)
-        row = {"size": size, "variant": variant, "kind": kind, "steps": steps,
-               "params_non_embedding": non_embedding_params(kind, cfg), "train_flops_per_byte": fpb,
-               "train_bytes": steps * bytes_per_step, "train_flops": steps * bytes_per_step * fpb,
+        result = cached_run(run_dir, plan.cfg, fit)
+        row = {"size": size, "variant": plan.variant, "kind": plan.kind, "steps": plan.steps,
+               "params_non_embedding": non_embedding_params(plan.kind, plan.cfg),
+               "train_flops_per_byte": plan.flops_per_byte, "train_bytes": plan.train_bytes,
+               "train_flops": plan.train_bytes * plan.flops_per_byte,
                "heldout_bpb": result["heldout"]["bits_per_byte"],
                "mean_patch_length": result["heldout"].get("mean_patch_length"), "seconds": result["seconds"]}
-        print(f"{size:10s} {variant:9s} steps {steps:5d}  {row['train_flops']:.3g} FLOPs  "
+        print(f"{size:10s} {plan.variant:9s} steps {plan.steps:5d}  {row['train_flops']:.3g} FLOPs  "
               f"bpb {row['heldout_bpb']:.4f}  ({row['seconds']:.0f}s)", flush=True)
         rows.append(row)
     return rows
@@ -140,9 +165,13 @@ def main() -> None:
                          f"{r['train_flops_per_byte'] / 1e6:.2f}M", r["steps"], f"{r['train_bytes'] / 1e6:.2f}M",
                          f"{r['train_flops']:.3g}", r["heldout_bpb"], r["mean_patch_length"]] for r in rows])
     seconds = time.time() - t
-    md = f"# Scaling (FLOP-matched per size)\n\n{md}\n\nwall time: {seconds:.0f} s on {environment()['device']}\n"
+    trained = sum(r["seconds"] for r in rows)
+    md = (f"# Scaling (FLOP-matched per size)\n\n{md}\n\ntraining + evaluation: {trained:.0f} s summed over the "
+          f"runs (this invocation: {seconds:.0f} s; finished runs are reused) on {environment()['device']} "
+          f"({environment()['cpus']} CPUs)\n")
     print(md)
-    write_results(args.name, md, {"env": environment(), "seconds": seconds, "rows": rows}, plot(rows))
+    write_results(args.name, md, {"env": environment(), "seconds": seconds, "trained_seconds": trained, "rows": rows},
+                  plot(rows))
 
 
 if __name__ == "__main__":
