@@ -1,7 +1,7 @@
 """Acceptance trends: BLT-S acceptance against the draft length k, BLT-DV acceptance against the block size B.
 
     python experiments/acceptance.py                     # the scaling-l runs of experiments/scaling.py
-    python experiments/acceptance.py --size fast-blt-1b --workdir gs://...
+    python experiments/acceptance.py --size fast-blt-1b --workdir /gcs/BUCKET/experiments
 
 BLT-S drafts k bytes with the decoder alone and verifies them in one full pass (on `<size>/entropy/run`);
 BLT-DV drafts a block of B bytes by diffusion (alpha 0.3, and one step) and verifies with the same weights (on

@@ -2,7 +2,7 @@
 ratio against decoder NFEs.
 
     python experiments/diversity.py                    # the scaling-l BLT-D-4 run of experiments/scaling.py
-    python experiments/diversity.py --size fast-blt-3b --block 4 --new-bytes 1000 --workdir gs://...
+    python experiments/diversity.py --size fast-blt-3b --block 4 --new-bytes 1000 --workdir /gcs/BUCKET/experiments
 
 The paper samples from BOS; our samplers need at least one prompt byte, so every sample starts from a newline
 (the closest thing to "nothing" in this corpus). --samples sequences per setting, each with its own key,

@@ -2,7 +2,7 @@
 task score, acceptance, NFEs, the paper's Eq. 8 bandwidth and its reduction against BLT, and measured bytes/s.
 
     python experiments/generation_cost.py                        # the scaling-l runs of experiments/scaling.py
-    python experiments/generation_cost.py --size fast-blt-1b --workdir gs://...  # a pod's runs, same layout
+    python experiments/generation_cost.py --size fast-blt-1b --workdir /gcs/BUCKET/experiments
 
 Models: `<workdir>/<size>/entropy/run` (BLT) and `<workdir>/<size>/d-{4,8,16}/run` (BLT-D-B), the layout
 experiments/scaling.py writes. Rows (the paper's settings):

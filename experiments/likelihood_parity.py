@@ -2,7 +2,7 @@
 trained on the same FLOPs.
 
     python experiments/likelihood_parity.py                  # the scaling-l runs of experiments/scaling.py
-    python experiments/likelihood_parity.py --size fast-blt-1b --workdir gs://...
+    python experiments/likelihood_parity.py --size fast-blt-1b --workdir /gcs/BUCKET/experiments
 
 Models: `<workdir>/<size>/{entropy,d-4,d-8,d-16}/run`. Benchmarks (all offline; likelihood scoring through the
 full model's causal path, exactly as a verifier would score):

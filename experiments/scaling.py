@@ -1,7 +1,7 @@
 """Scaling curves (BLT paper Fig. 1 style): held-out bits per byte against training FLOPs, FLOP-matched.
 
     python experiments/scaling.py                      # scaling-s/m/l on this machine (~30 min, 2 CPU cores)
-    python experiments/scaling.py --sizes fast-blt-1b fast-blt-3b --store gs://bucket/data --workdir gs://...
+    python experiments/scaling.py --sizes fast-blt-1b fast-blt-3b --store gs://bucket/data --workdir /gcs/BUCKET/experiments
 
 For each size (a preset) the entropy-patched BLT's own schedule (train.steps x batch x seq_len bytes) times
 its analytic training FLOPs per byte sets the size's budget; every variant of that size then trains for the
