@@ -89,18 +89,16 @@ def generate_completions(model, problems: Mapping[str, dict], n_samples: int = 1
     """`n_samples` truncated completions per problem from `api.generate` on the problem's prompt, in batches
     of `batch_size` prompts (batch b uses seed + b; rows get their own streams, so repeated prompts in a
     batch sample differently)."""
-    from blt_jax.generation import api  # noqa: PLC0415
+    from blt_jax.tasks.batching import generate_in_batches  # noqa: PLC0415
 
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples} and {batch_size}")
     jobs = [t for t in problems for _ in range(n_samples)]
+    results = generate_in_batches(model, [problems[t]["prompt"] for t in jobs], max_new_bytes, batch_size, seed,
+                                  **generate_kwargs)
     out: dict[str, list[str]] = {t: [] for t in problems}
-    for b, s in enumerate(range(0, len(jobs), batch_size)):
-        chunk = jobs[s:s + batch_size]
-        results = api.generate(model, [problems[t]["prompt"] for t in chunk], max_new_bytes=max_new_bytes,
-                               seed=seed + b, **generate_kwargs)
-        for t, r in zip(chunk, results):
-            out[t].append(truncate_completion(r.text))
+    for t, r in zip(jobs, results):
+        out[t].append(truncate_completion(r.text))
     return out
 
 

@@ -62,14 +62,11 @@ def score(outputs: Sequence[bytes], references: Sequence[bytes]) -> dict:
 
 def evaluate(model, n: int = 50, prompt_bytes: int = 128, target_bytes: int = 32, seed: int = 0,
              batch_size: int = 8, files: Optional[Sequence[Path]] = None, **generate_kwargs) -> dict:
-    from blt_jax.generation import api  # noqa: PLC0415
+    from blt_jax.tasks.batching import generate_in_batches  # noqa: PLC0415
 
     items = heldout_items(n, prompt_bytes, target_bytes, seed, files)
-    outputs = []
-    for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
-        outputs += [r.new_bytes for r in api.generate(model, [p for p, _ in chunk], max_new_bytes=target_bytes,
-                                                      seed=seed, **generate_kwargs)]
+    outputs = [r.new_bytes for r in generate_in_batches(model, [p for p, _ in items], target_bytes, batch_size,
+                                                        seed, **generate_kwargs)]
     res = score(outputs, [t for _, t in items])
     return {"task": "continuation", "prompt_bytes": prompt_bytes, "target_bytes": target_bytes, **res,
             "example": {"prompt": items[0][0].decode("utf-8", "replace"),

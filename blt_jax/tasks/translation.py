@@ -139,17 +139,13 @@ def evaluate(model, lang: str, n_items: int = 50, n_shots: int = 3, seed: int = 
              batch_size: int = 8, locale_dir: Path | str = LOCALE_DIR, **generate_kwargs) -> dict:
     """Few-shot translation of `n_items` catalog strings English -> `lang`: BLEU, chrF and examples.
     Raises NoCatalogs when the machine has no catalogs for `lang`."""
-    from blt_jax.generation import api  # noqa: PLC0415
+    from blt_jax.tasks.batching import generate_in_batches  # noqa: PLC0415
 
     pairs = gettext_pairs(lang, max_pairs=n_items + max(n_shots, 1) * 20, seed=seed, locale_dir=locale_dir)
     n_items = min(n_items, len(pairs) - max(n_shots, 1))
     items = build_prompts(pairs, lang, n_items, n_shots, seed)
-    hyps = []
-    for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
-        results = api.generate(model, [p for p, _ in chunk], max_new_bytes=max_new_bytes, seed=seed,
-                                  **generate_kwargs)
-        hyps += [hypothesis(r.text) for r in results]
+    hyps = [hypothesis(r.text) for r in generate_in_batches(model, [p for p, _ in items], max_new_bytes,
+                                                            batch_size, seed, **generate_kwargs)]
     refs = [r for _, r in items]
     return {"task": "translate", "lang": lang, "items": len(items), "shots": n_shots, **score(hyps, refs),
             "examples": [{"source": pairs[i][0], "reference": refs[i], "hypothesis": hyps[i]}
