@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import DEFAULT_WORKDIR, enable_compilation_cache, environment, figure, table, write_results
+from common import DEFAULT_WORKDIR, enable_compilation_cache, environment, load_run, figure, table, write_results
 
 from blt_jax.generation import api
 from blt_jax.generation.unmasking import UnmaskConfig
@@ -52,17 +51,16 @@ def main() -> None:
     args = p.parse_args()
     enable_compilation_cache(args.workdir)
     t0 = time.time()
-    runs = Path(args.workdir) / args.size
     prompts = [prompt for prompt, _ in continuation.heldout_items(args.items, prompt_bytes=200,
                                                                   target_bytes=args.new_bytes, seed=0)]
     rows = []
-    blt = api.load(str(runs / "entropy" / "run"))
+    blt = load_run(args.workdir, args.size, "entropy")
     for k in args.draft_lens:
         rows.append({"method": "BLT-S", "k_or_B": k, "draft": "AR",
                      **measure(blt, prompts, args.new_bytes, method="s", draft_len=k)})
         print(rows[-1], flush=True)
     for b in args.blocks:
-        model = api.load(str(runs / f"d-{b}" / "run"))
+        model = load_run(args.workdir, args.size, f"d-{b}")
         for label, unmask in (("alpha 0.3", UnmaskConfig(rule="confidence", alpha=0.3)),
                               ("one step", UnmaskConfig(rule="one_step"))):
             rows.append({"method": "BLT-DV", "k_or_B": b, "draft": label,

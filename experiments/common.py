@@ -35,6 +35,17 @@ def environment() -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
+def run_dir(workdir: str | Path, size: str, variant: str) -> Path:
+    """Where experiments/scaling.py keeps a variant's run; the later experiments load their models from it."""
+    return Path(workdir) / size / variant / "run"
+
+
+def load_run(workdir: str | Path, size: str, variant: str):
+    from blt_jax.generation import api  # noqa: PLC0415
+
+    return api.load(str(run_dir(workdir, size, variant)))
+
+
 def with_store(cfg: RunConfig, root: str) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=root))
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
-from common import DEFAULT_WORKDIR, enable_compilation_cache, environment, figure, table, write_results
+from common import DEFAULT_WORKDIR, enable_compilation_cache, environment, load_run, figure, table, write_results
 
 from blt_jax.generation import api
 from blt_jax.generation.unmasking import UnmaskConfig
@@ -50,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
     enable_compilation_cache(args.workdir)
     t0 = time.time()
-    model = api.load(str(Path(args.workdir) / args.size / f"d-{args.block}" / "run"))
+    model = load_run(args.workdir, args.size, f"d-{args.block}")
     rows = []
     for gamma in args.gammas:
         for top_p in args.top_ps:

@@ -25,11 +25,10 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from common import DEFAULT_WORKDIR, RESULTS, enable_compilation_cache, environment, figure, table, write_results
+from common import DEFAULT_WORKDIR, RESULTS, enable_compilation_cache, environment, load_run, figure, table, write_results
 from generation_ladder import best_of
 
 from blt_jax.generation import api
@@ -185,13 +184,12 @@ def main() -> None:
     t0 = time.time()
     tasks = [humaneval_task(args.code_problems, args.new_bytes),
              continuation_task(args.continuation_items, args.prompt_bytes, args.new_bytes)]
-    runs = Path(args.workdir) / args.size
     models = {}
     rows = []
     for setting in settings(args.blocks):
         if setting.model not in models:
             variant = "entropy" if setting.model == "blt" else setting.model
-            models[setting.model] = api.load(str(runs / variant / "run"))
+            models[setting.model] = load_run(args.workdir, args.size, variant)
         for task in tasks:
             r = run_setting(models[setting.model], setting, task, args.repeats)
             print(f"{task.name:12s} {setting.label:22s} score {r['score']:7.2f}  dec/byte "

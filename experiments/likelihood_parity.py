@@ -20,10 +20,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common import DEFAULT_WORKDIR, enable_compilation_cache, environment, figure, table, write_results
+from common import DEFAULT_WORKDIR, enable_compilation_cache, environment, load_run, figure, table, write_results
 
-from blt_jax.data.corpus import default_corpus_files, split_files, stdlib_root
-from blt_jax.generation import api
 from blt_jax.tasks import multiple_choice, scoring, translation
 
 MODELS = ("entropy", "d-4", "d-8", "d-16")
@@ -33,8 +31,8 @@ PAPER_1B = {"ARC-Easy": (63.21, 60.76, 61.06, 59.83), "HellaSwag": (60.17, 59.06
             "PIQA": (75.46, 74.48, 73.56, 72.36), "MMLU": (33.90, 33.60, 32.28, 32.09)}
 
 
-def heldout_files() -> dict[str, list[Path]]:
-    _, heldout = split_files(default_corpus_files(), stdlib_root())
+def heldout_files_by_kind() -> dict[str, list[Path]]:
+    heldout = multiple_choice.heldout_files()
     return {"Python": [f for f in heldout if f.suffix == ".py"], "docs": [f for f in heldout if f.suffix != ".py"]}
 
 
@@ -50,7 +48,7 @@ def main() -> None:
     args = p.parse_args()
     enable_compilation_cache(args.workdir)
     t0 = time.time()
-    files = heldout_files()
+    files = heldout_files_by_kind()
     suites = {"next-line choice": multiple_choice.heldout_next_line_items(args.items, seed=0)}
     skipped = {}
     try:
@@ -60,7 +58,7 @@ def main() -> None:
         print(f"skipped translation choice: {e}")
     results: dict[str, dict] = {}
     for name in args.models:
-        model = api.load(str(Path(args.workdir) / args.size / name / "run"))
+        model = load_run(args.workdir, args.size, name)
         r = {}
         for kind, paths in files.items():
             r[f"held-out bpb, {kind}"] = scoring.bits_per_byte(model, paths, window=args.window)["bits_per_byte"]

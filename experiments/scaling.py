@@ -25,7 +25,8 @@ import dataclasses
 import time
 from pathlib import Path
 
-from common import DEFAULT_WORKDIR, cached_run, ensure_store, environment, figure, table, with_store, write_results
+from common import (DEFAULT_WORKDIR, cached_run, ensure_store, environment, figure, run_dir, table, with_store,
+                    write_results)
 
 from blt_jax import flops
 from blt_jax.config import DiffusionConfig, EntropyModelConfig, RunConfig, get_preset
@@ -112,14 +113,14 @@ def run_size(size: str, variants: list[str], workdir: Path, store_root: str, ent
     patch_len = float(store.read_manifest(store_root)["patching_achieved"])
     rows = []
     for plan in plan_size(base, variants, patch_len):
-        run_dir = workdir / size / plan.variant
+        run = run_dir(workdir, size, plan.variant)
         t = time.time()
 
-        def fit(plan=plan, run_dir=run_dir, t=t):
-            summary = train(plan.kind, plan.cfg, run_dir / "run", entropy_run=entropy_run, progress=False)
+        def fit(plan=plan, run=run, t=t):
+            summary = train(plan.kind, plan.cfg, run, entropy_run=entropy_run, progress=False)
             return {"heldout": summary["heldout"], "seconds": time.time() - t}
 
-        result = cached_run(run_dir, plan.cfg, fit)
+        result = cached_run(run.parent, plan.cfg, fit)
         row = {"size": size, "variant": plan.variant, "kind": plan.kind, "steps": plan.steps,
                "params_non_embedding": non_embedding_params(plan.kind, plan.cfg),
                "train_flops_per_byte": plan.flops_per_byte, "train_bytes": plan.train_bytes,
