@@ -103,9 +103,12 @@ def initialize(cfg: Optional[DistributedConfig] = None) -> bool:
         if cfg.num_processes == 1:
             return False
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # the settings are complete: no cluster detection, which under Slurm would also bind each process to
+        # one GPU (local_device_ids=[SLURM_LOCALID]) where one process per host drives all of its GPUs
         jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout,
-                                   heartbeat_timeout_seconds=cfg.heartbeat_timeout)
+                                   heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+                                   cluster_detection_method="deactivate")
     elif on_tpu_pod():
         jax.distributed.initialize()
     else:

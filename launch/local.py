@@ -5,9 +5,10 @@
 
 Each process gets BLT_COORDINATOR / BLT_NUM_PROCESSES / BLT_PROCESS_ID (read by `blt`, or by
 `blt_jax.distributed.initialize()` in your own script) and BLT_LOCAL_CPU_DEVICES virtual CPU devices; CPU
-collectives run over gloo. Output lines are prefixed with the process id. If one process fails, the others
-are stopped (a peer waiting on a dead one would otherwise hang until its heartbeat timeout); the exit code
-is the first failure's, else 0.
+collectives run over gloo. Output lines are prefixed with the process id. If any process fails, the others
+are stopped at once (a peer waiting on a dead one would otherwise hang until its heartbeat timeout); the exit
+code is the first failure's, else 0. SIGTERM or SIGINT to this launcher is passed to every process (training
+saves a checkpoint and exits), and its exit code is theirs.
 """
 
 from __future__ import annotations
@@ -48,19 +49,39 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, tim
         threading.Thread(target=_pump, args=(proc, f"[{pid}] ", out), daemon=True).start()
         procs.append(proc)
     deadline = time.time() + timeout if timeout else None
+    stop_signal = []  # SIGTERM/SIGINT to this launcher go to every process (training saves a checkpoint)
+
+    def forward(signum, frame):
+        stop_signal.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        old_handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     first_failure = 0
-    while any(p.poll() is None for p in procs):
-        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-        expired = deadline is not None and time.time() > deadline
-        if failed or expired:
-            first_failure = failed[0] if failed else 124
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    for p in procs:
-        p.wait()
+    try:
+        while True:
+            codes = [p.poll() for p in procs]  # every process, every time: any of them may fail first
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed and not stop_signal:
+                first_failure = failed[0]
+            expired = deadline is not None and time.time() > deadline
+            if all(c is not None for c in codes):
+                break
+            if (failed and not stop_signal) or expired:
+                first_failure = first_failure or 124
+                for p in procs:  # a peer waiting on a dead process would hang until its heartbeat timeout
+                    if p.poll() is None:
+                        os.killpg(p.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        for p in procs:
+            p.wait()
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     return first_failure or next((p.returncode for p in procs if p.returncode), 0)
 
 

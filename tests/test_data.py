@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
+import threading
 import uuid
 from pathlib import Path
 
@@ -13,10 +15,9 @@ import pytest
 
 from blt_jax.config import DataConfig, PatchingConfig
 from blt_jax.data import corpus, store
-from blt_jax.data.pipeline import (LMWindows, PatchedWindows, WindowSource, make_eval_batches,
-                                   make_train_iterator)
+from blt_jax.data.pipeline import LMWindows, PatchedWindows, WindowSource, make_eval_batches, make_train_iterator
 from blt_jax.patching import start_flags
-from blt_jax.tokenizer import BOS_ID, EOS_ID, decode_bytes
+from blt_jax.tokenizer import BOS_ID, EOS_ID, decode_bytes, encode
 
 SEQ = 16
 CONTEXT = 5
@@ -48,6 +49,14 @@ def split_docs(tokens: np.ndarray) -> list[np.ndarray]:
     return np.split(tokens, np.nonzero(tokens == BOS_ID)[0][1:])
 
 
+def add_toy_entropies(root: str, context_len: int = CONTEXT, chunk_len: int = 32) -> None:
+    """Toy entropies for both splits, marked complete as `blt prepare --entropy-run` marks them."""
+    for split in store.SPLITS:
+        store.compute_entropies(root, split, toy_entropy_fn(context_len), chunk_len, context_len, rows=8,
+                                progress=False)
+    store.update_manifest(root, entropy_run="toy", entropy_model_digest="toy", entropies_complete=True)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> str:
     """A store whose train split has exactly 40 windows of SEQ (641 tokens), with toy entropies."""
@@ -55,9 +64,9 @@ def data_root(tmp_path_factory) -> str:
     train = write_files(base / "train", [100, 200, 131, 150, 50], seed=0)  # 631 bytes + 2 * 5 specials
     heldout = write_files(base / "heldout", [90, 120], seed=1)
     root = str(tmp_path_factory.mktemp("store"))
-    store.prepare_tokens(root, train, heldout, base)
-    for split in store.SPLITS:
-        store.compute_and_write_entropies(root, split, toy_entropy_fn(CONTEXT), 32, CONTEXT, progress=False)
+    store.write_documents(root, {"train": [f.read_bytes() for f in train],
+                                 "heldout": [f.read_bytes() for f in heldout]})
+    add_toy_entropies(root)
     return root
 
 
@@ -130,66 +139,131 @@ def test_empty_corpus_names_the_path(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         corpus.collect_files([str(tmp_path)])
     with pytest.raises(ValueError, match="heldout"):
-        store.prepare_tokens(str(tmp_path / "store"), [tmp_path / "empty.txt"], [])
+        store.write_documents(str(tmp_path / "store"), {"train": [b"abc"]})
 
 
 # ---- store ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["folder", "file_url", "memory_url"])
-def test_prepare_round_trips_documents(tmp_path, kind):
-    files = write_files(tmp_path / "docs", [0, 1, 300, 1000, 7], seed=2)
-    (tmp_path / "docs" / "text.txt").write_text("héllo wörld\n")
-    files.append(tmp_path / "docs" / "text.txt")
+def test_documents_round_trip_through_a_store(tmp_path, kind):
+    docs = [b"", b"x", bytes(range(256)) * 4, "héllo wörld\n".encode(), b"\0\1\2"]
     root = {"folder": str(tmp_path / "store"), "file_url": (tmp_path / "store").as_uri(),
             "memory_url": f"memory://{uuid.uuid4().hex}/"}[kind]
-    manifest = store.prepare_tokens(root, files[:4], files[4:], description="toy")
+    manifest = store.write_documents(root, {"train": docs[:4], "heldout": docs[4:]}, description="toy", shard=100)
     assert manifest == store.read_manifest(root)
     assert manifest["corpus"] == "toy" and manifest["format_version"] == store.FORMAT_VERSION
-    for split, split_files in (("train", files[:4]), ("heldout", files[4:])):
+    for split, expected in (("train", docs[:4]), ("heldout", docs[4:])):
         tokens = store.open_array(root, split, "tokens").read().result()
         assert tokens.dtype == np.uint16
-        docs = split_docs(tokens)
-        assert [decode_bytes(d) for d in docs] == [f.read_bytes() for f in split_files]
-        assert all(d[0] == BOS_ID and d[-1] == EOS_ID for d in docs)
+        got = split_docs(tokens)
+        assert [decode_bytes(d) for d in got] == expected
+        assert all(d[0] == BOS_ID and d[-1] == EOS_ID for d in got)
         entry = manifest[split]
-        assert entry["num_docs"] == len(split_files) and entry["num_tokens"] == len(tokens)
-        assert entry["files"] == [{"name": f.name, "bytes": f.stat().st_size} for f in split_files]
+        assert entry["num_docs"] == len(expected) and entry["num_tokens"] == len(tokens)
+    assert store.shard_size(store.open_array(root, "train", "tokens")) == 100
     if kind == "folder":
         assert (tmp_path / "store" / "manifest.json").is_file()
 
 
-def test_manifest_update_and_stale_arrays(tmp_path):
+def test_encode_documents_matches_the_tokenizer():
+    docs = [b"ab", b"", "ü".encode(), bytes([0, 255])]
+    tokens = store.encode_documents(np.frombuffer(b"".join(docs), np.uint8), np.array([len(d) for d in docs]))
+    assert tokens.dtype == np.uint16
+    np.testing.assert_array_equal(tokens, np.concatenate([encode(d, bos=True, eos=True) for d in docs]))
+
+
+def test_manifest_update_and_clear(tmp_path):
     root = str(tmp_path / "store")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         store.read_manifest(root)
-    files = write_files(tmp_path / "docs", [10, 20], seed=3)
-    store.prepare_tokens(root, files[:1], files[1:])
+    store.write_documents(root, {"train": [b"0123456789"], "heldout": [b"x" * 20]})
     store.write_array(root, "train", "entropies", np.zeros(12, np.float32))
     updated = store.update_manifest(root, patching_threshold=1.25, entropy_checkpoint="ckpt/7")
     assert updated["patching_threshold"] == 1.25 and updated["train"]["num_tokens"] == 12
     assert store.read_manifest(root) == updated and store.has_array(root, "train", "entropies")
-    store.prepare_tokens(root, files[:1], files[1:])  # re-preparing drops derived arrays and fields
-    assert not store.has_array(root, "train", "entropies")
-    assert "patching_threshold" not in store.read_manifest(root)
+    assert "patching_threshold" not in store.update_manifest(root, drop=["patching_threshold"])
+    store.clear(root)  # the manifest and every array go
+    assert not store.has_array(root, "train", "entropies") and not store.has_array(root, "train", "tokens")
+    assert store.manifest_or_none(root) is None
     with pytest.raises(FileNotFoundError, match="train/entropies"):
         store.open_array(root, "train", "entropies")
 
 
-@pytest.mark.parametrize("chunk_len,context_len", [(7, 5), (64, 5), (16, 0), (3, 40)])
-def test_chunked_entropies_equal_whole_stream(tmp_path, chunk_len, context_len):
+@pytest.mark.parametrize("chunk_len,context_len,shard", [(7, 5, 1 << 20), (64, 5, 1 << 20), (16, 0, 32),
+                                                         (3, 40, 1 << 20), (5, 9, 24)])
+def test_chunked_entropies_equal_whole_stream(chunk_len, context_len, shard):
     root = f"memory://{uuid.uuid4().hex}/"
-    files = write_files(tmp_path / "docs", [40, 57, 3], seed=4)  # 106 tokens: the last chunk is short
-    store.prepare_tokens(root, files, files[:1])
+    rng = np.random.default_rng(4)
+    docs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (40, 57, 3)]  # 106 tokens
+    store.write_documents(root, {"train": docs, "heldout": docs[:1]}, shard=shard)
     fn = toy_entropy_fn(context_len)
     shapes = []
-    store.compute_and_write_entropies(root, "train", lambda t: (shapes.append(t.shape), fn(t))[1],
-                                      chunk_len, context_len, batch=3, progress=False)
+    computed = store.compute_entropies(root, "train", lambda t: (shapes.append(t.shape), fn(t))[1],
+                                       chunk_len, context_len, rows=3, progress=False)
     tokens = store.open_array(root, "train", "tokens").read().result().astype(np.int32)
     got = store.open_array(root, "train", "entropies").read().result()
     assert got.dtype == np.float32 and got.shape == tokens.shape
     np.testing.assert_array_equal(got, fn(tokens[None])[0])
-    n_chunks = -(-len(tokens) // chunk_len)
-    assert set(shapes) == {(3, context_len + chunk_len)} and len(shapes) == -(-n_chunks // 3)
+    n_shards = -(-len(tokens) // shard)
+    n_rows = sum(-(-min(shard, len(tokens) - s) // chunk_len) for s in range(0, len(tokens), shard))
+    assert computed == n_shards
+    assert set(shapes) == {(3, context_len + chunk_len)} and len(shapes) == -(-n_rows // 3)
+    # every shard is stored: nothing left to compute
+    assert store.compute_entropies(root, "train", fn, chunk_len, context_len, rows=3, progress=False) == 0
+
+
+def test_entropies_resume_the_missing_shards_only():
+    root = f"memory://{uuid.uuid4().hex}/"
+    rng = np.random.default_rng(5)
+    store.write_documents(root, {"train": [rng.integers(0, 256, 300, dtype=np.uint8).tobytes()],
+                                 "heldout": [b"x"]}, shard=64)
+    fn = toy_entropy_fn(5)
+    store.compute_entropies(root, "train", fn, 16, 5, rows=2, progress=False)
+    expected = store.open_array(root, "train", "entropies").read().result()
+    store.delete_prefix(root, "train/entropies/c/1")  # shards 1 and 2 are lost, as in an interrupted run
+    store.delete_prefix(root, "train/entropies/c/2")
+    assert store.stored_shards(root, "train", "entropies") == {0, 3, 4}
+    calls = []
+    assert store.compute_entropies(root, "train", lambda t: (calls.append(1), fn(t))[1], 16, 5, rows=2,
+                                   progress=False) == 2
+    assert len(calls) == 4  # 2 shards x 4 chunks of 16, 2 rows per call
+    np.testing.assert_array_equal(store.open_array(root, "train", "entropies").read().result(), expected)
+
+
+def test_processes_share_the_missing_shards_in_lockstep():
+    """Two processes (threads here, meeting at a real barrier) fill every shard together, each writing its
+    own shards and calling the function the same number of times; the result equals one process's."""
+    rng = np.random.default_rng(6)
+    docs = [rng.integers(0, 256, 500, dtype=np.uint8).tobytes()]
+    fn = toy_entropy_fn(5)
+    roots = [f"memory://{uuid.uuid4().hex}/" for _ in range(2)]
+    for root in roots:
+        store.write_documents(root, {"train": docs, "heldout": [b"x"]}, shard=64)
+    store.compute_entropies(roots[0], "train", fn, 16, 5, rows=4, progress=False)
+    barrier = threading.Barrier(2, timeout=60)
+    calls, written, errors = [0, 0], [None, None], []
+
+    def process(index):
+        def counted(t):
+            calls[index] += 1
+            return fn(t)
+        try:
+            written[index] = store.compute_entropies(roots[1], "train", counted, 16, 5, rows=4, index=index,
+                                                     count=2, barrier=lambda name: barrier.wait(), progress=False)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert written == [4, 4]  # 502 tokens: 8 shards of 64, 4 per process
+    assert calls[0] == calls[1] == 4  # 4 chunks of 16 per shard, 4 rows per call
+    np.testing.assert_array_equal(store.open_array(roots[1], "train", "entropies").read().result(),
+                                  store.open_array(roots[0], "train", "entropies").read().result())
 
 
 # ---- pipeline ---------------------------------------------------------------------------------------------
@@ -201,7 +275,7 @@ def test_window_source(data_root):
     windows = [src[i] for i in range(len(src))]
     assert all(w["tokens"].shape == (SEQ + 1,) and w["tokens"].dtype == np.int32 for w in windows)
     assert all(w["entropies"].shape == (SEQ + 1,) and w["entropies"].dtype == np.float32 for w in windows)
-    assert all(a["tokens"][-1] == b["tokens"][0] for a, b in zip(windows, windows[1:]))
+    assert all(a["tokens"][-1] == b["tokens"][0] for a, b in itertools.pairwise(windows))
     np.testing.assert_array_equal(np.concatenate([windows[0]["tokens"]] + [w["tokens"][1:] for w in windows[1:]]),
                                   tokens)
     with pytest.raises(IndexError):

@@ -11,8 +11,8 @@ import hashlib
 import os
 import platform
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 # Directories never taken from the stdlib: installed packages, bytecode, test suites, and the
 # platform-named build folders (`config-3.11-x86_64-linux-gnu`) whose names differ between machines.
@@ -52,9 +52,12 @@ def default_corpus_files() -> list[Path]:
     return sorted(files, key=lambda p: _rel(p, root))
 
 
-def _split_key(rel: str) -> float:
-    """A uniform number in [0, 1) fixed by the relative path alone."""
-    return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:8], "big") / 2.0**64
+def split_key(rel: str, record: int | None = None) -> float:
+    """A uniform number in [0, 1) fixed by the relative path alone (a whole file), or by the path and the
+    record's line or row number (one record of a JSON Lines or Parquet file); below the held-out fraction
+    means held out."""
+    key = rel if record is None else f"{rel}:{record}"
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def split_files(files: Iterable[Path], root: Path | str, heldout_fraction: float = 0.02
@@ -66,7 +69,7 @@ def split_files(files: Iterable[Path], root: Path | str, heldout_fraction: float
         raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
     if len(files) < 2:
         raise ValueError(f"need at least 2 files to hold one out for evaluation, got {len(files)} under {root}")
-    keys = [_split_key(_rel(f, root)) for f in files]
+    keys = [split_key(_rel(f, root)) for f in files]
     heldout = {i for i, k in enumerate(keys) if k < heldout_fraction}
     order = sorted(range(len(files)), key=lambda i: keys[i])
     if not heldout:  # a small corpus: hold out the file closest to the threshold

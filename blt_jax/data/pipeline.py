@@ -8,14 +8,15 @@ Sources and transforms are top-level, picklable classes because grain spawns its
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from blt_jax.config import ConfigError, DataConfig, PatchingConfig
-from blt_jax.data.store import open_array
+from blt_jax.data.store import open_array, read_manifest, require_complete_entropies
 from blt_jax.patching import patch_ids, start_flags
 
 _DTYPES = {"tokens": np.int32, "entropies": np.float32}
@@ -23,8 +24,6 @@ _DTYPES = {"tokens": np.int32, "entropies": np.float32}
 
 def check_absl_flags() -> None:
     """Mark absl flags as parsed: grain's worker processes read a flag and fail on unparsed flags."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -32,7 +31,8 @@ def check_absl_flags() -> None:
 class WindowSource:
     """Random-access windows of seq_len + 1 tokens (and optionally entropies) from one split of a store.
 
-    tensorstore handles are opened lazily in each process and dropped when pickled.
+    Only a finished store is read: its manifest must exist and match the arrays, and entropies must carry
+    their completion mark. tensorstore handles are opened lazily in each process and dropped when pickled.
     """
 
     def __init__(self, root: str | os.PathLike, split: str, seq_len: int, fields: Sequence[str] = ("tokens",)):
@@ -45,10 +45,15 @@ class WindowSource:
         unknown = [f for f in self.fields if f not in _DTYPES]
         if "tokens" not in self.fields or unknown:
             raise ValueError(f"fields must include 'tokens' and be among {sorted(_DTYPES)}, got {self.fields}")
-        self._arrays: Optional[dict] = None
+        manifest = read_manifest(self.root)
+        if "entropies" in self.fields:
+            require_complete_entropies(self.root, manifest)
+        self._arrays: dict | None = None
         lengths = {f: a.shape[0] for f, a in self._open().items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"{self.root} split {split}: arrays differ in length {lengths}")
+        expected = manifest.get(split, {}).get("num_tokens")
+        if len(set(lengths.values())) != 1 or lengths["tokens"] != expected:
+            raise ValueError(f"{self.root} split {split}: array lengths {lengths} do not match the manifest's "
+                             f"{expected} tokens (a damaged store: prepare it again)")
         self.num_tokens = lengths["tokens"]
 
     def _open(self) -> dict:
@@ -89,7 +94,7 @@ class LMWindows(grain.transforms.Map):
 class PatchedWindows(grain.transforms.Map):
     """Window -> BLT example with patch-start flags; bytes past the last patch slot get no loss."""
 
-    def __init__(self, patching: PatchingConfig, threshold: Optional[float] = None):
+    def __init__(self, patching: PatchingConfig, threshold: float | None = None):
         if patching.mode == "entropy" and threshold is None and patching.threshold is None:
             raise ConfigError("model.patching.threshold: entropy patching needs a threshold "
                               "(calibrate one into the data store or set it)")
@@ -111,8 +116,8 @@ def _fields_of(transform: grain.transforms.Map) -> tuple[str, ...]:
 
 
 def make_train_iterator(data_cfg: DataConfig, split: str, transform: grain.transforms.Map,
-                        fields: Optional[Sequence[str]] = None, *, seed: int,
-                        process_index: Optional[int] = None, process_count: Optional[int] = None,
+                        fields: Sequence[str] | None = None, *, seed: int,
+                        process_index: int | None = None, process_count: int | None = None,
                         start_step: int = 0) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's share of the split (batch_size // process_count windows).
 
@@ -142,8 +147,8 @@ def make_train_iterator(data_cfg: DataConfig, split: str, transform: grain.trans
 
 
 def make_eval_batches(data_cfg: DataConfig, split: str, transform: grain.transforms.Map,
-                      fields: Optional[Sequence[str]] = None, num_batches: int = 1,
-                      batch_size: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+                      fields: Sequence[str] | None = None, num_batches: int = 1,
+                      batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
     """Up to `num_batches` batches of windows spread evenly over the split, in order (deterministic).
 
     Evenly spaced rather than leading windows, so a few batches still sample the whole held-out set.

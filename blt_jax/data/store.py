@@ -7,30 +7,40 @@ I/O goes through tensorstore, so a bucket behaves like a folder. Layout:
     {root}/{split}/tokens      uint16: per document BOS, byte + 4 ..., EOS; documents concatenated
     {root}/{split}/entropies   float32, same length: the entropy model's prediction entropy at each token
 
-Arrays are sharded: 1M-element shards (the write unit; few objects on a bucket) of 16K-element zstd
-chunks (the read unit; a random window decodes ~32 KB, not a whole shard).
+Arrays are sharded: shards of `shard` elements (default 1M; the unit of writing and of resuming: every
+shard is written whole, once, by one process, so a stored shard is a finished one) of 16K-element zstd
+chunks (the unit of reading: a random window decodes ~32 KB, not a whole shard).
+
+The manifest is written last: a store without one is unfinished and is never read. Entropies carry their
+own completion mark (`entropies_complete`, written after every shard of both splits is stored) and the
+digest of the entropy model that computed them (`entropy_model_digest`); the calibrated threshold is only
+present with complete entropies.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorstore as ts
 from tqdm.auto import tqdm
 
-from blt_jax.data.corpus import common_root
-from blt_jax.tokenizer import BOE_ID, encode
+from blt_jax.config import ConfigError
+from blt_jax.tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entropies carry a completion mark and their model's digest
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
 WRITE_CHUNK = 1 << 20
 READ_CHUNK = 1 << 14
-_FLUSH = 16 * WRITE_CHUNK
+_FLUSH_SHARDS = 4
+GROWING = 1 << 40  # nominal length of an array whose length is not known yet (zarr stores only what is written)
+STAGING = "_staging"  # per-process token arrays of a multi-process prepare
+# calibration fields: they describe a threshold, and go with it
+THRESHOLD_FIELDS = ("patching_threshold", "patching_target", "patching_achieved", "patching_rule",
+                    "patching_max_patch_length", "patching_seq_len")
 
 # One context per process: `memory://` stores are only visible within a shared context, and the cache
 # pool keeps recently read chunks and shard indexes.
@@ -55,8 +65,29 @@ def _kvstore(root: str | os.PathLike) -> ts.KvStore:
     return ts.KvStore.open(kvstore_spec(root), context=_CONTEXT).result()
 
 
-def _array_spec(root: str | os.PathLike, split: str, name: str) -> dict:
-    return {"driver": "zarr3", "kvstore": kvstore_spec(root, split, name)}
+def _array_spec(root: str | os.PathLike, *parts: str, write: bool = False) -> dict:
+    spec = {"driver": "zarr3", "kvstore": kvstore_spec(root, *parts)}
+    if write:  # written data goes straight to storage: the read cache would only hold on to it
+        spec["context"] = {"cache_pool": {"total_bytes_limit": 0}}
+    return spec
+
+
+def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+
+def delete_prefix(root: str | os.PathLike, prefix: str) -> None:
+    """Delete every key under `prefix` (a folder name ending in '/', or one key)."""
+    _kvstore(root).delete_range(_prefix_range(prefix)).result()
+
+
+def write_json(root: str | os.PathLike, key: str, value) -> None:
+    _kvstore(root).write(key, json.dumps(value, indent=2, sort_keys=True).encode()).result()
+
+
+def read_json(root: str | os.PathLike, key: str):
+    result = _kvstore(root).read(key).result()
+    return json.loads(result.value) if result.state == "value" else None
 
 
 # ---- manifest ---------------------------------------------------------------------------------------------
@@ -68,15 +99,32 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return json.loads(result.value)
 
 
+def manifest_or_none(root: str | os.PathLike) -> dict | None:
+    try:
+        return read_manifest(root)
+    except FileNotFoundError:
+        return None
+
+
 def _write_manifest(root: str | os.PathLike, manifest: dict) -> None:
-    _kvstore(root).write(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode()).result()
+    write_json(root, MANIFEST, manifest)
 
 
-def update_manifest(root: str | os.PathLike, **fields) -> dict:
-    """Merge `fields` into the manifest's top level (e.g. a calibrated threshold) and rewrite it."""
-    manifest = {**read_manifest(root), **fields}
+def update_manifest(root: str | os.PathLike, drop: Sequence[str] = (), **fields) -> dict:
+    """Merge `fields` into the manifest's top level (e.g. a calibrated threshold), remove `drop`, rewrite it."""
+    manifest = {k: v for k, v in read_manifest(root).items() if k not in drop}
+    manifest.update(fields)
     _write_manifest(root, manifest)
     return manifest
+
+
+def clear(root: str | os.PathLike) -> None:
+    """Remove a store's contents: the manifest first (so an interruption leaves no half-valid store), then
+    its arrays and any staging left by an interrupted multi-process prepare."""
+    kv = _kvstore(root)
+    kv.delete_range(_prefix_range(MANIFEST)).result()
+    for prefix in (*SPLITS, STAGING):
+        kv.delete_range(_prefix_range(prefix + "/")).result()
 
 
 # ---- arrays -----------------------------------------------------------------------------------------------
@@ -85,24 +133,39 @@ def has_array(root: str | os.PathLike, split: str, name: str) -> bool:
     return _kvstore(root).read(f"{split}/{name}/zarr.json").result().state == "value"
 
 
-def open_array(root: str | os.PathLike, split: str, name: str) -> ts.TensorStore:
-    """A read-only handle on `{root}/{split}/{name}`."""
+def open_array(root: str | os.PathLike, split: str, name: str, *more: str, write: bool = False) -> ts.TensorStore:
+    """A handle on `{root}/{split}/{name}` (read-only unless `write`)."""
     try:
-        return ts.open(_array_spec(root, split, name), context=_CONTEXT, open=True, read=True).result()
+        return ts.open(_array_spec(root, split, name, *more, write=write), context=_CONTEXT, open=True, read=True,
+                       write=write).result()
     except ValueError as e:
         if "NOT_FOUND" in str(e):
-            raise FileNotFoundError(f"data store {root} has no array {split}/{name}") from None
+            raise FileNotFoundError(f"data store {root} has no array {'/'.join((split, name, *more))}") from None
         raise
 
 
-def _create_array(root: str | os.PathLike, split: str, name: str, dtype: np.dtype, length: int) -> ts.TensorStore:
+def shard_size(array: ts.TensorStore) -> int:
+    return int(array.chunk_layout.write_chunk.shape[0])
+
+
+def create_array(root: str | os.PathLike, parts: Sequence[str], dtype, length: int,
+                 shard: int = WRITE_CHUNK) -> ts.TensorStore:
+    """Create (replacing any) a 1-D array at `{root}/{parts...}`; `length` may be GROWING (resize it later)."""
+    if shard < 1:
+        raise ValueError(f"shard must be >= 1, got {shard}")
+    spec = {**_array_spec(root, *parts, write=True), "store_data_equal_to_fill_value": True}
     return ts.open(
-        _array_spec(root, split, name), context=_CONTEXT, create=True, delete_existing=True,
+        spec, context=_CONTEXT, create=True, delete_existing=True,
         dtype=ts.dtype(np.dtype(dtype).name), shape=[length],
-        chunk_layout=ts.ChunkLayout(write_chunk_shape=[WRITE_CHUNK], read_chunk_shape=[READ_CHUNK]),
+        chunk_layout=ts.ChunkLayout(write_chunk_shape=[shard], read_chunk_shape=[min(READ_CHUNK, shard)]),
         codec=ts.CodecSpec({"driver": "zarr3", "codecs": [{"name": "bytes"},
                                                           {"name": "zstd", "configuration": {"level": 3}}]}),
     ).result()
+
+
+def set_length(array: ts.TensorStore, length: int) -> ts.TensorStore:
+    """Shrink a GROWING array to its real length (metadata only: nothing past it was written)."""
+    return array.resize(exclusive_max=[length], resize_metadata_only=True).result()
 
 
 def write_array(root: str | os.PathLike, split: str, name: str, array: np.ndarray) -> None:
@@ -110,119 +173,215 @@ def write_array(root: str | os.PathLike, split: str, name: str, array: np.ndarra
     array = np.asarray(array)
     if array.ndim != 1:
         raise ValueError(f"{split}/{name}: expected a 1-D array, got shape {array.shape}")
-    _create_array(root, split, name, array.dtype, array.shape[0]).write(array).result()
+    create_array(root, (split, name), array.dtype, array.shape[0]).write(array).result()
 
 
-class _StreamWriter:
-    """Fills a preallocated 1-D array from pieces, writing whole shards so none is read back and rewritten."""
+class StreamWriter:
+    """Appends pieces to a 1-D array from element 0, writing whole shards so none is read back and rewritten.
+    Each write runs in tensorstore's threads while the next pieces are made; at most two flushes of
+    `_FLUSH_SHARDS` shards are held in memory."""
 
     def __init__(self, array: ts.TensorStore):
         self._array = array
+        self._shard = shard_size(array)
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
-        self._pos = 0
+        self._inflight = None  # the previous flush's write
+        self.length = 0  # elements written or pending
 
     def add(self, piece: np.ndarray) -> None:
         self._pending.append(piece)
         self._pending_len += len(piece)
-        if self._pending_len >= _FLUSH:
+        self.length += len(piece)
+        if self._pending_len >= _FLUSH_SHARDS * self._shard:
             self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
         data = np.concatenate(self._pending) if self._pending else np.zeros(0, self._array.dtype.numpy_dtype)
-        n = len(data) if final else len(data) // WRITE_CHUNK * WRITE_CHUNK
-        end = self._pos + n
-        if end > self._array.shape[0]:
+        n = len(data) if final else len(data) // self._shard * self._shard
+        start = self.length - self._pending_len
+        if start + n > self._array.shape[0]:
             raise ValueError(f"wrote past the end of an array of length {self._array.shape[0]}")
-        self._array[self._pos:end].write(data[:n]).result()
-        self._pos = end
+        if self._inflight is not None:
+            self._inflight.result()
+        self._inflight = self._array[start:start + n].write(data[:n]) if n else None
         self._pending, self._pending_len = [data[n:]], len(data) - n
 
-    def close(self) -> None:
+    def close(self) -> int:
         self._flush(final=True)
-        if self._pos != self._array.shape[0]:
-            raise ValueError(f"wrote {self._pos} of {self._array.shape[0]} elements")
+        if self._inflight is not None:
+            self._inflight.result()
+            self._inflight = None
+        return self.length
 
 
-# ---- preparation ------------------------------------------------------------------------------------------
-
-def _rel_name(path: Path, base: Path) -> str:
-    try:
-        return path.resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()
-
-
-def _write_split(root: str | os.PathLike, split: str, files: Sequence[Path], base: Path) -> dict:
-    sizes = [f.stat().st_size for f in files]
-    writer = _StreamWriter(_create_array(root, split, "tokens", np.uint16, sum(sizes) + 2 * len(files)))
-    for f, size in zip(files, sizes):
-        data = f.read_bytes()
-        if len(data) != size:
-            raise ValueError(f"{f} changed size while the corpus was being prepared")
-        writer.add(encode(data, bos=True, eos=True).astype(np.uint16))
-    writer.close()
-    return {"num_docs": len(files), "num_tokens": sum(sizes) + 2 * len(files),
-            "files": [{"name": _rel_name(f, base), "bytes": s} for f, s in zip(files, sizes)]}
+def encode_documents(data: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Documents back to back (uint8 bytes, bytes per document) -> uint16 tokens: BOS, byte + 4 ..., EOS each."""
+    lengths = np.asarray(lengths, np.int64)
+    ends = np.cumsum(lengths + 2)
+    starts = ends - lengths - 2
+    out = np.empty(int(ends[-1]) if len(ends) else 0, np.uint16)
+    is_byte = np.ones(len(out), bool)
+    is_byte[starts] = is_byte[ends - 1] = False
+    out[starts], out[ends - 1] = BOS_ID, EOS_ID
+    out[is_byte] = data.astype(np.uint16) + OFFSET
+    return out
 
 
-def prepare_tokens(root: str | os.PathLike, train_files: Iterable[Path], heldout_files: Iterable[Path],
-                   base_dir: Path | str | None = None, *, description: str | None = None) -> dict:
-    """Tokenize both splits into `{root}/{split}/tokens` and write a fresh manifest; returns the manifest.
-
-    Anything previously stored under the splits (e.g. stale entropies) is deleted first, and the manifest
-    is written last, so an interrupted run leaves no manifest rather than a half-valid store.
-    File names in the manifest are relative to `base_dir` (default: the deepest folder holding all files).
-    """
-    splits = {"train": [Path(f) for f in train_files], "heldout": [Path(f) for f in heldout_files]}
-    for split, files in splits.items():
-        if not files:
-            raise ValueError(f"cannot prepare {root}: the {split} split has no files")
-    base = Path(base_dir) if base_dir is not None else common_root(splits["train"] + splits["heldout"])
-    kv = _kvstore(root)
-    kv.delete_range(ts.KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()
+def write_documents(root: str | os.PathLike, documents: dict[str, Sequence[bytes]], description: str = "documents",
+                    shard: int = WRITE_CHUNK) -> dict:
+    """A store holding the given documents (raw bytes) per split, written whole with its manifest last; for
+    programs and tests that have their documents in memory (`blt prepare` streams files instead)."""
+    manifest = {"format_version": FORMAT_VERSION, "corpus": description, "tokenizer": "bytes+4 (BOS=1, EOS=2)",
+                "shard_tokens": shard}
+    clear(root)
     for split in SPLITS:
-        kv.delete_range(ts.KvStore.KeyRange(f"{split}/", f"{split}0")).result()  # '0' sorts right after '/'
-    manifest = {"format_version": FORMAT_VERSION, "corpus": description or f"files under {base}",
-                "tokenizer": "bytes+4 (BOS=1, EOS=2)"}
-    for split, files in splits.items():
-        manifest[split] = _write_split(root, split, files, base)
+        docs = [bytes(d) for d in documents.get(split, ())]
+        if not docs:
+            raise ValueError(f"cannot prepare {root}: the {split} split has no documents")
+        tokens = encode_documents(np.frombuffer(b"".join(docs), np.uint8), np.array([len(d) for d in docs]))
+        create_array(root, (split, "tokens"), np.uint16, len(tokens), shard).write(tokens).result()
+        manifest[split] = {"num_docs": len(docs), "num_tokens": len(tokens)}
     _write_manifest(root, manifest)
     return manifest
 
 
-def compute_and_write_entropies(root: str | os.PathLike, split: str,
-                                entropy_fn: Callable[[np.ndarray], np.ndarray],
-                                chunk_len: int, context_len: int, batch: int = 8, progress: bool = True) -> None:
-    """Write `{root}/{split}/entropies`: `entropy_fn` over the split's token stream, in fixed-shape chunks.
+def copy_regions(dest: ts.TensorStore, sources: Sequence[tuple[int, ts.TensorStore]], start: int, stop: int,
+                 step: int) -> None:
+    """dest[start:stop] from `sources`, each (offset, array) holding dest[offset:offset + len(array)]; in
+    pieces of `step` elements (bounded memory)."""
+    for a in range(start, stop, step):
+        b = min(a + step, stop)
+        buf = np.empty(b - a, dest.dtype.numpy_dtype)
+        for offset, src in sources:
+            x, y = max(a, offset), min(b, offset + src.shape[0])
+            if x < y:
+                buf[x - a:y - a] = src[x - offset:y - offset].read().result()
+        dest[a:b].write(buf).result()
 
-    Each row of a call holds up to `context_len` tokens of context followed by `chunk_len` new tokens; calls
-    are always shaped (batch, context_len + chunk_len) (right-padded with BOE = 0 past the stream, so a jitted
-    `entropy_fn` compiles once); only the new tokens' values are kept. This equals one pass over the whole
-    stream for any causal function whose value at t depends on tokens t - context_len .. t only (e.g. a
-    one-layer model with that attention window); a deeper windowed model sees at least `context_len` tokens
-    of context per position.
+
+def shard_range(num_shards: int, index: int, count: int) -> range:
+    """Process `index`'s contiguous share of `num_shards` shards."""
+    return range(num_shards * index // count, num_shards * (index + 1) // count)
+
+
+# ---- entropies --------------------------------------------------------------------------------------------
+
+def stored_shards(root: str | os.PathLike, split: str, name: str) -> set[int]:
+    """Indices of the shards of `{split}/{name}` present in the store (zarr3's `c/<index>` keys)."""
+    prefix = f"{split}/{name}/c/"
+    keys = _kvstore(root).list(_prefix_range(prefix)).result()
+    return {int(k.decode()[len(prefix):]) for k in keys if k.decode()[len(prefix):].isdigit()}
+
+
+def entropy_state(manifest: dict, digest: str | None = None) -> str:
+    """none: no entropies; legacy: entropies from before completion marks (format 1, unverifiable);
+    complete / partial: made by the model with `digest` (or, with digest None, by any); other: made by
+    another model."""
+    if "entropies_complete" not in manifest:
+        return "legacy" if manifest.get("entropy_run") is not None else "none"
+    if digest is not None and manifest.get("entropy_model_digest") != digest:
+        return "other"
+    return "complete" if manifest["entropies_complete"] else "partial"
+
+
+def require_complete_entropies(root: str | os.PathLike, manifest: dict | None = None) -> dict:
+    """The manifest, if the store's entropies are complete; else a ConfigError saying how to finish them."""
+    manifest = manifest if manifest is not None else read_manifest(root)
+    state = entropy_state(manifest)
+    run = manifest.get("entropy_run") or "ENTROPY_RUN"
+    if state == "none":
+        raise ConfigError(f"{root}: the data store has no entropies; compute them with "
+                          f"`blt prepare --store {root} --entropy-run ENTROPY_RUN`")
+    if state == "partial":
+        raise ConfigError(f"{root}: the entropy computation did not finish (interrupted?); resume it with "
+                          f"`blt prepare --store {root} --entropy-run {run}`")
+    if state == "legacy":
+        raise ConfigError(f"{root}: its entropies were written by an older blt_jax that did not record whether "
+                          f"they were complete, nor which model made them; recompute them with "
+                          f"`blt prepare --store {root} --entropy-run {run}`")
+    return manifest
+
+
+def compute_entropies(root: str | os.PathLike, split: str, entropy_fn: Callable[[np.ndarray], np.ndarray],
+                      chunk_len: int, context_len: int, rows: int, *, index: int = 0, count: int = 1,
+                      barrier: Callable[[str], None] = lambda name: None, progress: bool = True) -> int:
+    """Fill `{root}/{split}/entropies` with `entropy_fn` over the split's token stream; returns the number of
+    shards this process computed (those already stored are kept: the computation resumes).
+
+    The missing shards are shared among `count` processes (this one is `index`; `barrier` waits for all).
+    Each row of a call holds up to `context_len` tokens of context followed by up to `chunk_len` new tokens
+    of one shard, right-padded with BOE = 0, so calls are always shaped (rows, context_len + chunk_len) and
+    a jitted function compiles once; only the new tokens' values are kept. Every process makes the same
+    number of calls (padding rows fill the short ones), as a computation sharded over all processes needs.
+    This equals one pass over the whole stream for any causal function whose value at t depends on tokens
+    t - context_len .. t only (e.g. a one-layer model with that attention window); a deeper windowed model
+    sees at least `context_len` tokens of context per position.
     """
-    if chunk_len < 1 or context_len < 0 or batch < 1:
-        raise ValueError(f"need chunk_len >= 1, context_len >= 0, batch >= 1; got {chunk_len}, {context_len}, {batch}")
-    tokens = np.asarray(open_array(root, split, "tokens").read().result()).astype(np.int32)
-    n = tokens.shape[0]
+    if chunk_len < 1 or context_len < 0 or rows < 1:
+        raise ValueError(f"need chunk_len >= 1, context_len >= 0, rows >= 1; got {chunk_len}, {context_len}, {rows}")
+    tokens = open_array(root, split, "tokens")
+    n, shard = tokens.shape[0], shard_size(tokens)
+    if index == 0:
+        try:
+            current = open_array(root, split, "entropies")
+            reuse = current.shape[0] == n and shard_size(current) == shard
+        except FileNotFoundError:
+            reuse = False
+        if not reuse:
+            create_array(root, (split, "entropies"), np.float32, n, shard)
+    barrier(f"blt_jax: {split} entropies array ready")
+    num_shards = -(-n // shard)
+    missing = sorted(set(range(num_shards)) - stored_shards(root, split, "entropies"))
+    barrier(f"blt_jax: {split} entropy shards listed")  # before anyone writes, everyone has the same list
+
+    def shard_rows(s: int) -> list[tuple[int, int, int]]:
+        lo, hi = s * shard, min((s + 1) * shard, n)
+        return [(s, a, min(a + chunk_len, hi)) for a in range(lo, hi, chunk_len)]
+
+    shares = [[missing[i] for i in shard_range(len(missing), p, count)] for p in range(count)]
+    work = [[r for s in share for r in shard_rows(s)] for share in shares]
+    calls = max(-(-len(w) // rows) for w in work)
+    mine = work[index]
+    out = open_array(root, split, "entropies", write=True)
     width = context_len + chunk_len
-    writer = _StreamWriter(_create_array(root, split, "entropies", np.float32, n))
-    starts = list(range(0, n, chunk_len))
-    with tqdm(total=n, unit="tok", unit_scale=True, desc=f"entropies[{split}]", disable=not progress) as bar:
-        for g in range(0, len(starts), batch):
-            group = starts[g:g + batch]
-            window = np.full((batch, width), BOE_ID, np.int32)
-            spans = []
-            for row, start in enumerate(group):
-                ctx, stop = max(0, start - context_len), min(n, start + chunk_len)
-                window[row, : stop - ctx] = tokens[ctx:stop]
-                spans.append((start - ctx, stop - ctx))
-            values = np.asarray(entropy_fn(window), dtype=np.float32)
-            if values.shape != (batch, width):
-                raise ValueError(f"entropy_fn returned shape {values.shape}, expected {(batch, width)}")
-            for row, (a, b) in enumerate(spans):
-                writer.add(values[row, a:b])
+    shard_tokens: dict[int, tuple[int, np.ndarray]] = {}  # shard -> (first position, tokens from there)
+    values: dict[int, list[np.ndarray]] = {}
+    done = {s: 0 for s, _, _ in mine}
+    needed = {}
+    for s, _, _ in mine:
+        needed[s] = needed.get(s, 0) + 1
+    pending = []
+    with tqdm(total=sum(b - a for _, a, b in mine), unit="tok", unit_scale=True, desc=f"entropies[{split}]",
+              disable=not progress) as bar:
+        for c in range(calls):
+            group = mine[c * rows:(c + 1) * rows]
+            window = np.full((rows, width), BOE_ID, np.int32)
+            for row, (s, a, b) in enumerate(group):
+                if s not in shard_tokens:
+                    first = max(0, s * shard - context_len)
+                    shard_tokens[s] = (first, tokens[first:min((s + 1) * shard, n)].read().result().astype(np.int32))
+                first, toks = shard_tokens[s]
+                ctx = max(0, a - context_len)
+                window[row, : b - ctx] = toks[ctx - first:b - first]
+            result = np.asarray(entropy_fn(window), dtype=np.float32)
+            if result.shape != (rows, width):
+                raise ValueError(f"entropy_fn returned shape {result.shape}, expected {(rows, width)}")
+            for row, (s, a, b) in enumerate(group):
+                ctx = max(0, a - context_len)
+                values.setdefault(s, []).append(result[row, a - ctx:b - ctx])
+                done[s] += 1
                 bar.update(b - a)
-    writer.close()
+                if done[s] == needed[s]:  # the shard is whole: write it in one piece
+                    lo = s * shard
+                    piece = np.concatenate(values.pop(s))
+                    pending.append(out[lo:lo + len(piece)].write(piece))
+                    shard_tokens.pop(s, None)
+            if len(pending) > 8:
+                for f in pending:
+                    f.result()
+                pending = []
+    for f in pending:
+        f.result()
+    barrier(f"blt_jax: {split} entropies written")
+    return len(shares[index])

@@ -1,0 +1,1 @@
+"""Training: the train state and jitted steps, the loop, orbax checkpoints, metric sinks."""

@@ -1,0 +1,192 @@
+"""Issue 13, the data store (items 2, 6, 7): each test reproduces the defect first.
+
+2. `blt prepare --store EXISTING` replaced the tokens, entropies and threshold without a word.
+6. An interrupted entropy computation left zeros in the store while the manifest kept the old threshold, and
+   training took it; now entropies carry a completion mark, a partial store is refused, and it resumes.
+7. A store's entropies from entropy model A trained a BLT with `--entropy-run B`; now the store records a
+   digest of A's parameters and B is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import STDLIB, tiny_config
+
+from blt_jax import prepare
+from blt_jax.cli import main
+from blt_jax.config import ConfigError
+from blt_jax.data import store
+from blt_jax.data.pipeline import WindowSource
+from blt_jax.train import checkpoint as ckpt
+from blt_jax.train.loop import train
+
+SHARD = 2048
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_runs, tmp_path_factory):
+    """(cfg, entropy run A, entropy run B, a token store): A is the session's tiny entropy model, B another
+    one (2 steps from another seed), the store a small corpus in shards of 2048 tokens."""
+    cfg, _, run_a, _ = tiny_runs
+    base = tmp_path_factory.mktemp("reliability_store")
+    root = str(base / "data")
+    prepare.prepare_corpus(root, [str(STDLIB / "json")], shard_tokens=SHARD)
+    run_b = base / "entropy_b"
+    train("entropy", tiny_config(root, "entropy_train.steps=2", "entropy_train.warmup_steps=1",
+                                 "entropy_train.seed=7", "entropy_train.eval_batches=1"), run_b, progress=False)
+    return cfg, run_a, run_b, root
+
+
+def _copy(root: str, dest) -> str:
+    shutil.copytree(root, dest)
+    return str(dest)
+
+
+# ---- 2: an existing store is not replaced without --overwrite ---------------------------------------------
+
+def test_prepare_refuses_an_existing_store_unless_overwrite(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "one.txt").write_text("first corpus, first file\n" * 20)
+    (a / "two.txt").write_text("first corpus, second file\n" * 20)
+    (b / "other.jsonl").write_text("".join(f'{{"text": "second corpus {i}"}}\n' for i in range(50)))
+    root = str(tmp_path / "store")
+    assert main(["prepare", "--data", str(a), "--store", root, "--no-progress"]) == 0
+    store.update_manifest(root, patching_threshold=1.5)  # stands for derived data worth keeping
+    before = store.open_array(root, "train", "tokens").read().result()
+    capsys.readouterr()
+
+    assert main(["prepare", "--data", str(b), "--store", root, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a data store" in err and "--overwrite" in err
+    np.testing.assert_array_equal(store.open_array(root, "train", "tokens").read().result(), before)
+    assert store.read_manifest(root)["patching_threshold"] == 1.5
+
+    # the same command again (a restarted job) changes nothing and succeeds
+    assert main(["prepare", "--data", str(a), "--store", root, "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert store.read_manifest(root)["patching_threshold"] == 1.5
+
+    assert main(["prepare", "--data", str(b), "--store", root, "--overwrite", "--no-progress"]) == 0
+    manifest = store.read_manifest(root)
+    assert "patching_threshold" not in manifest and manifest["corpus"].endswith(str(b))
+
+
+# ---- 6: entropies are valid only when complete; a partial computation is refused and resumes ---------------
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, calls: int, counter: list) -> None:
+    """The entropy model stops (as a killed process would) after `calls` batches."""
+    real = prepare.make_entropy_fn
+
+    def make(run_dir):
+        fn, context, rows, digest = real(run_dir)
+
+        def stopping(window):
+            if len(counter) >= calls:
+                raise Interrupted
+            counter.append(1)
+            return fn(window)
+        return stopping, context, rows, digest
+
+    monkeypatch.setattr(prepare, "make_entropy_fn", make)
+
+
+def test_interrupted_entropies_are_refused_then_resume(runs, tmp_path, monkeypatch):
+    cfg, run_a, run_b, tokens_only = runs
+    root = _copy(tokens_only, tmp_path / "store")
+    fresh = _copy(tokens_only, tmp_path / "fresh")
+    prepare.ensure_entropies(root, run_a, cfg.model.patching, cfg.data.seq_len, progress=False)
+    assert store.read_manifest(root)["patching_threshold"] is not None
+
+    counter = []
+    _interrupt_after(monkeypatch, 1, counter)
+    with pytest.raises(Interrupted):
+        prepare.ensure_entropies(root, run_b, cfg.model.patching, cfg.data.seq_len, overwrite=True,
+                                 progress=False)
+    monkeypatch.undo()
+    manifest = store.read_manifest(root)
+    assert "patching_threshold" not in manifest and manifest["entropies_complete"] is False
+    stored = store.stored_shards(root, "train", "entropies")
+    total = -(-manifest["train"]["num_tokens"] // SHARD)
+    assert 0 < len(stored) < total
+    with pytest.raises(ConfigError, match="did not finish.*blt prepare --store .* --entropy-run"):
+        WindowSource(root, "train", 64, ("tokens", "entropies"))
+    with pytest.raises(ConfigError, match="did not finish"):
+        prepare.check_entropy_run(root, run_b)
+    # training refuses it, also with a threshold given explicitly (which skips the store's)
+    blt_cfg = tiny_config(root, "train.steps=1", "train.warmup_steps=0", "model.patching.threshold=1.0")
+    with pytest.raises(ConfigError, match="did not finish"):
+        train("blt", blt_cfg, tmp_path / "blt", entropy_run=str(run_b), progress=False)
+    assert store.entropy_state(store.read_manifest(root)) == "partial"
+
+    # resuming computes the missing shards only, and ends where an uninterrupted computation ends
+    counter.clear()
+    _interrupt_after(monkeypatch, 10**6, counter)
+    result = prepare.ensure_entropies(root, run_b, cfg.model.patching, cfg.data.seq_len, progress=False)
+    resumed_calls = len(counter)
+    counter.clear()
+    prepare.ensure_entropies(fresh, run_b, cfg.model.patching, cfg.data.seq_len, progress=False)
+    assert result["entropies"] == "resumed" and result["calibrated"]
+    assert 0 < resumed_calls < len(counter)
+    for split in store.SPLITS:
+        np.testing.assert_array_equal(store.open_array(root, split, "entropies").read().result(),
+                                      store.open_array(fresh, split, "entropies").read().result())
+    a, b = store.read_manifest(root), store.read_manifest(fresh)
+    assert a["entropies_complete"] is True and a["patching_threshold"] == b["patching_threshold"]
+    WindowSource(root, "train", 64, ("tokens", "entropies"))  # accepted now
+
+
+def test_stores_from_before_completion_marks_are_refused_with_the_fix(runs, tmp_path):
+    """A store written before this change (format 1) cannot say whether its entropies are complete: tokens
+    still load; entropies are refused with the command that recomputes them, which works in place."""
+    cfg, run_a, _, tokens_only = runs
+    root = _copy(tokens_only, tmp_path / "store")
+    prepare.ensure_entropies(root, run_a, cfg.model.patching, cfg.data.seq_len, progress=False)
+    legacy = {k: v for k, v in store.read_manifest(root).items()
+              if k not in ("entropies_complete", "entropy_model_digest", "source_digest", "shard_tokens", "inputs")}
+    store.write_json(root, store.MANIFEST, {**legacy, "format_version": 1})
+    WindowSource(root, "train", 64, ("tokens",))
+    with pytest.raises(ConfigError, match=f"older blt_jax.*blt prepare --store {root} --entropy-run {run_a}"):
+        WindowSource(root, "train", 64, ("tokens", "entropies"))
+    result = prepare.ensure_entropies(root, run_a, cfg.model.patching, cfg.data.seq_len, progress=False)
+    assert result["entropies"] == "computed"
+    WindowSource(root, "train", 64, ("tokens", "entropies"))
+
+
+# ---- 7: the store records which entropy model made its entropies -------------------------------------------
+
+def test_entropies_of_another_model_are_refused(runs, tmp_path, capsys):
+    _, run_a, run_b, tokens_only = runs
+    root = _copy(tokens_only, tmp_path / "store")
+    assert main(["prepare", "--preset", "tiny", "--store", root, "--entropy-run", str(run_a), "--no-progress"]) == 0
+    manifest = store.read_manifest(root)
+    assert manifest["entropy_model_digest"].startswith("sha256:")
+    assert prepare.check_entropy_run(root, run_a)["entropy_run"] == str(run_a.absolute())
+    with pytest.raises(ConfigError, match="is not the entropy model that computed the entropies"):
+        prepare.check_entropy_run(root, run_b)
+    # a run's frozen copy of its entropy model (saved and restored) has the same digest
+    params = ckpt.load_trained_params(run_a, expect_kind="entropy")
+    ckpt.save_params(tmp_path / "frozen", params)
+    restored = ckpt.load_params(tmp_path / "frozen", params)
+    assert prepare.params_digest(restored) == manifest["entropy_model_digest"]
+    prepare.check_entropy_run(root, run_a, params=restored)
+
+    # replacing the entropies with B's needs --overwrite; the same model again is a no-op
+    capsys.readouterr()
+    assert main(["prepare", "--preset", "tiny", "--store", root, "--entropy-run", str(run_b), "--no-progress"]) == 2
+    assert "another entropy model" in capsys.readouterr().err
+    assert main(["prepare", "--preset", "tiny", "--store", root, "--entropy-run", str(run_a), "--no-progress"]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+    # training on A's entropies with B's model is refused (blt_jax.train checks where it resolves the run)
+    blt_cfg = tiny_config(root, "train.steps=1", "train.warmup_steps=0")
+    with pytest.raises(ConfigError, match="is not the entropy model that computed the entropies"):
+        train("blt", blt_cfg, tmp_path / "blt", entropy_run=str(run_b), progress=False)
