@@ -92,7 +92,7 @@ def compile_train_step(cfg: RunConfig, devices: Sequence[Any]) -> dict[str, Any]
     state_bytes = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                       for x, s in zip(jax.tree.leaves(placement.abstract),
                                       jax.tree.leaves(placement.state, is_leaf=lambda s: isinstance(
-                                          s, jax.sharding.Sharding))))
+                                          s, jax.sharding.Sharding)), strict=True))
     gib = 2.0 ** 30
     out = {
         "preset": cfg.name, "devices": len(devices), "device_kind": devices[0].device_kind,

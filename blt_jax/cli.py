@@ -1,17 +1,103 @@
-"""The `blt` command line (also `python -m blt_jax`)."""
+"""The `blt` command line (also `python -m blt_jax`).
+
+Each subcommand has a `cmd_<name>` that runs it and a `_<name>_parser` that declares its options; options
+several subcommands share are declared once (`_add_config_args`, `_add_generation_args`, ...). Bad input is
+refused with one line, `blt <cmd>: error: ...`, and the exit statuses are those of `blt_jax.exit_codes`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 import time
+import typing
+import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from blt_jax.config import PRESETS, ConfigError, RunConfig, apply_overrides, get_preset
+from blt_jax import exit_codes
+from blt_jax.config import ConfigError, RunConfig, apply_overrides
+from blt_jax.presets import PRESETS, get_preset
 
+# ---- option values -----------------------------------------------------------------------------------------
+
+
+def finite_float(text: str) -> float:
+    """A float option's value: any finite number (nan and inf would silently produce garbage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count: >= 1 (0 is refused, never taken to mean "the default": leave the option out for that)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (leave the option out for its default), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+class _DeferredChoices:
+    """An option's choices read from a module that loads JAX, only when a command line uses the option
+    (`blt --help` and `blt params` never import it); the module's own list, so the two cannot drift."""
+
+    def __init__(self, read: Callable[[], Sequence[str]]):
+        self._read = read
+
+    def __iter__(self):
+        return iter(self._read())
+
+    def __contains__(self, value) -> bool:
+        return value in self._read()
+
+
+def _generation_methods() -> Sequence[str]:
+    from blt_jax.generation import api  # noqa: PLC0415
+
+    return api.METHODS
+
+
+def _unmask_rules() -> Sequence[str]:
+    from blt_jax.generation import api  # noqa: PLC0415
+
+    return typing.get_args(typing.get_type_hints(api.UnmaskConfig)["rule"])
+
+
+def _objectives() -> Sequence[str]:
+    from blt_jax.objectives import BLT_OBJECTIVES  # noqa: PLC0415
+
+    return BLT_OBJECTIVES
+
+
+def _kinds() -> Sequence[str]:
+    from blt_jax.train.loop import KINDS  # noqa: PLC0415
+
+    return KINDS
+
+
+# ---- shared option groups ----------------------------------------------------------------------------------
 
 def _run_config(args) -> RunConfig:
     cfg = get_preset(args.preset)
@@ -21,7 +107,7 @@ def _run_config(args) -> RunConfig:
     cfg = apply_overrides(cfg, overrides)
     objective, block_size = getattr(args, "objective", None), getattr(args, "block_size", None)
     if objective == "next-byte" and block_size is not None:
-        raise ConfigError("--block-size: only the blt-d objective has blocks")
+        raise ValueError("--block-size: only the blt-d objective has blocks")
     if objective == "next-byte":
         block_size = 0
     elif objective == "blt-d" and block_size is None:
@@ -37,34 +123,167 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set model.global_model.n_layers=4 (repeatable)")
 
 
+def _add_objective_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", choices=_DeferredChoices(_objectives),
+                   help="next-byte: plain BLT; blt-d: BLT plus the block masked-diffusion loss of Fast BLT "
+                        "(default: the config's model.diffusion.block_size decides)")
+    p.add_argument("--block-size", type=int, choices=(4, 8, 16),
+                   help="BLT-D block size B (implies --objective blt-d; default: the config's, else 4)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """How text is generated: one declaration for `blt generate` and the generating `blt eval` tasks."""
+    g = p.add_argument_group("generation")
+    g.add_argument("--method", default="ar", choices=_DeferredChoices(_generation_methods),
+                   help="ar: cached autoregressive; ar-nocache: a full forward per byte; s: BLT-S speculative "
+                        "(any BLT); d: BLT-D block diffusion; dv: BLT-D draft + autoregressive verify "
+                        "(d and dv need a model trained with --objective blt-d)")
+    g.add_argument("--draft-len", type=positive_int, default=8, help="BLT-S: bytes drafted per round (k)")
+    g.add_argument("--block-size", type=positive_int, help="BLT-D/DV: block size B (default: the model's)")
+    g.add_argument("--unmask", default="confidence", choices=_DeferredChoices(_unmask_rules),
+                   help="BLT-D/DV unmasking rule")
+    g.add_argument("--alpha", type=finite_float, default=0.7, help="confidence rule: commit cells with p > alpha")
+    g.add_argument("--gamma", type=finite_float, default=1.0, help="entropy rule: cumulative entropy bound")
+    g.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
+    g.add_argument("--top-p", type=finite_float, default=1.0, help="1: off")
+    g.add_argument("--no-eos-stop", action="store_true", help="always generate the whole byte budget")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and caches during generation (bfloat16 halves the bytes a step reads)")
+
+
+def _generation_kwargs(args) -> dict:
+    """The options of `_add_generation_args` as `api.generate` keyword arguments."""
+    from blt_jax.generation import api  # noqa: PLC0415
+
+    return dict(method=args.method, draft_len=args.draft_len, block_size=args.block_size,
+                sampling=api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+                unmask=api.UnmaskConfig(rule=args.unmask, alpha=args.alpha, gamma=args.gamma),
+                stop_at_eos=not args.no_eos_stop)
+
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process", "TPU pods need none of these (jax finds the pod itself)")
+    g.add_argument("--coordinator", help="host:port of process 0 (env BLT_COORDINATOR)")
+    g.add_argument("--num-processes", type=positive_int, help="processes in the job (env BLT_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=non_negative_int, help="this process's index (env BLT_PROCESS_ID)")
+    g.add_argument("--local-cpu-devices", type=positive_int,
+                   help="virtual CPU devices in this process (CPU-only runs; env BLT_LOCAL_CPU_DEVICES)")
+
+
+def _start_distributed(args) -> None:
+    from blt_jax import distributed  # noqa: PLC0415
+
+    distributed.initialize(distributed.DistributedConfig.from_env(
+        coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+        local_cpu_devices=args.local_cpu_devices))
+
+
+def _print_result(result: dict, compact: bool) -> None:
+    print(json.dumps(result, default=float) if compact else json.dumps(result, indent=2, default=float))
+
+
+# ---- quickstart --------------------------------------------------------------------------------------------
+
+def cmd_quickstart(args) -> int:
+    from blt_jax.quickstart import run_quickstart  # noqa: PLC0415
+
+    cfg = _run_config(args)
+    report = run_quickstart(cfg, Path(args.out), data=args.data, progress=not args.no_progress)
+    return exit_codes.INTERRUPTED if report.get("interrupted") else exit_codes.OK
+
+
+def _quickstart_parser(sub) -> None:
+    q = sub.add_parser("quickstart", help="prepare the embedded corpus, train the entropy model, calibrate "
+                                          "patching, train a small BLT, evaluate and generate")
+    _add_config_args(q)
+    q.add_argument("--out", default="runs/quickstart", help="folder for the data store and both runs")
+    q.add_argument("--data", nargs="+", help="your own text files/folders instead of the embedded corpus")
+    q.add_argument("--no-progress", action="store_true")
+    _add_objective_args(q)
+    q.set_defaults(fn=cmd_quickstart)
+
+
+# ---- prepare, calibrate ------------------------------------------------------------------------------------
+
 def cmd_prepare(args) -> int:
+    import jax  # noqa: PLC0415
+
     from blt_jax import prepare  # noqa: PLC0415
 
     cfg = _run_config(args)
     root = cfg.data.path
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # one report per job, not per process
     if not args.entropy_run or args.data or not _has_tokens(root):
         t = time.time()
-        m = prepare.prepare_corpus(root, args.data, args.heldout_fraction, args.max_train_bytes)
-        print(f"prepared {root}: train {m['train']['num_docs']} docs / {m['train']['num_tokens']:,} tokens, "
-              f"heldout {m['heldout']['num_docs']} docs / {m['heldout']['num_tokens']:,} tokens "
-              f"({time.time() - t:.1f}s)")
+        plan = prepare.plan_corpus(args.data, args.heldout_fraction, args.max_train_bytes, args.text_field,
+                                   args.shard_tokens)
+        if plan.matches(_manifest(root)) and not args.overwrite:
+            say(f"{root} already holds this corpus (same files and options): nothing to do (--overwrite "
+                "prepares it again)")
+        else:
+            m = prepare.write_corpus(root, plan, strict=args.strict, overwrite=args.overwrite,
+                                     progress=not args.no_progress)
+            say(f"prepared {root}: train {m['train']['num_docs']:,} docs / {m['train']['num_tokens']:,} tokens, "
+                f"heldout {m['heldout']['num_docs']:,} docs / {m['heldout']['num_tokens']:,} tokens "
+                f"({time.time() - t:.1f}s)")
+            inputs = m["inputs"]
+            if inputs["bad_records"]:
+                say(f"blt prepare: skipped {inputs['bad_records']:,} bad records (--strict refuses them), e.g. "
+                    + "; ".join(inputs["bad_record_examples"][:3]), file=sys.stderr)
     if args.entropy_run:
         t = time.time()
-        prepare.add_entropies(root, args.entropy_run, progress=not args.no_progress)
-        print(f"entropies written ({time.time() - t:.1f}s)")
-        thr, achieved = prepare.calibrate(root, cfg.model.patching, cfg.data.seq_len)
-        print(f"calibrated threshold {thr:.4f} nats -> mean patch length {achieved:.2f} bytes on held-out")
+        r = prepare.ensure_entropies(root, args.entropy_run, cfg.model.patching, cfg.data.seq_len,
+                                     overwrite=args.overwrite, progress=not args.no_progress)
+        done = {"computed": "entropies written", "resumed": "entropies resumed and finished",
+                "complete": "entropies already complete"}[r["entropies"]]
+        say(f"{done} ({time.time() - t:.1f}s)")
+        how = "calibrated" if r["calibrated"] else "kept the calibrated"
+        say(f"{how} threshold {r['threshold']:.4f} nats -> mean patch length {r['mean_patch_length']:.2f} bytes "
+            "on held-out")
     return 0
 
 
-def _has_tokens(root: str) -> bool:
+def _manifest(root: str) -> Optional[dict]:
     from blt_jax.data import store  # noqa: PLC0415
 
     try:
-        store.read_manifest(root)
-        return True
+        return store.read_manifest(root)
     except (FileNotFoundError, ValueError, OSError):
-        return False
+        return None
+
+
+def _has_tokens(root: str) -> bool:
+    return _manifest(root) is not None
+
+
+def _prepare_parser(sub) -> None:
+    pr = sub.add_parser("prepare", help="tokenise a corpus into a tensorstore data store; with --entropy-run, "
+                                        "precompute entropies and calibrate the patching threshold")
+    _add_config_args(pr)
+    pr.add_argument("--data", nargs="+",
+                    help="files, folders or glob patterns (quote them) to prepare: text files (one document each; "
+                         "plain, .gz or .zst), JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst) and Parquet (.parquet), "
+                         "one document per record (default: the embedded corpus)")
+    pr.add_argument("--text-field", default="text", help="the records' text field / column (default: text)")
+    pr.add_argument("--strict", action="store_true",
+                    help="refuse bad records (invalid JSON, no text field, not a string) instead of skipping "
+                         "and counting them")
+    pr.add_argument("--store", help="data store root, a local folder or tensorstore URL (sets data.path)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace what the store holds (tokens, or another entropy model's entropies); "
+                         "without it an existing store is refused, and adding entropies is the only update")
+    pr.add_argument("--heldout-fraction", type=finite_float, default=0.02,
+                    help="held out for evaluation: whole text files, or single records, by a hash of their name")
+    pr.add_argument("--max-train-bytes", type=int, default=None,
+                    help="keep a deterministic subset of the training text files up to this many bytes")
+    pr.add_argument("--shard-tokens", type=positive_int, default=1 << 20,
+                    help="elements per stored shard: the unit of writing and of resuming (default 1048576)")
+    pr.add_argument("--entropy-run", help="a trained entropy-model run directory: precompute its entropies "
+                                          "(resuming an interrupted computation) and calibrate the threshold")
+    pr.add_argument("--no-progress", action="store_true")
+    _add_distributed_args(pr)
+    pr.set_defaults(fn=cmd_prepare)
 
 
 def cmd_calibrate(args) -> int:
@@ -76,10 +295,19 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from blt_jax.train.loop import train  # noqa: PLC0415
+def _calibrate_parser(sub) -> None:
+    c = sub.add_parser("calibrate", help="calibrate the entropy threshold to a target mean patch length")
+    _add_config_args(c)
+    c.add_argument("--store", help="data store root (sets data.path)")
+    c.add_argument("--target", type=finite_float, default=None, help="bytes per patch (default: the config's)")
+    c.set_defaults(fn=cmd_calibrate)
 
+
+# ---- train -------------------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
     from blt_jax.model import param_counts  # noqa: PLC0415
+    from blt_jax.train.loop import train  # noqa: PLC0415
 
     cfg = _run_config(args)
     counts = param_counts(cfg.model.entropy_model if args.what == "entropy" else cfg.model)
@@ -87,14 +315,48 @@ def cmd_train(args) -> int:
     summary = train(args.what, cfg, args.run, entropy_run=args.entropy_run, progress=not args.no_progress,
                     stop_after=args.stop_after)
     print(json.dumps(summary, indent=2, default=float))
-    return 0
+    if summary["stopped_by"] == "signal":
+        print(f"blt train: interrupted at step {summary['step']}, checkpoint saved; run the same command to "
+              f"resume", file=sys.stderr)
+        return exit_codes.INTERRUPTED
+    return exit_codes.OK
 
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train (or resume) the entropy model or a BLT")
+    _add_config_args(t)
+    t.add_argument("--what", choices=_DeferredChoices(_kinds), default="blt")
+    t.add_argument("--run", required=True, help="run directory (resumes automatically if it holds checkpoints)")
+    t.add_argument("--store", help="data store root, made by `blt prepare` (sets data.path)")
+    t.add_argument("--entropy-run", help="entropy-model run (default: the one recorded in the data store)")
+    _add_objective_args(t)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--stop-after", type=non_negative_int,
+                   help="end at this step with a checkpoint, as a preemption would (the schedule still targets "
+                        "train.steps; run again to resume)")
+    _add_distributed_args(t)
+    t.set_defaults(fn=cmd_train)
+
+
+# ---- eval --------------------------------------------------------------------------------------------------
 
 EVAL_TASKS = ("heldout", "bpb", "mc-next-line", "mc-gettext", "translate", "humaneval", "continuation")
+PASS_AT = (1, 10, 100)  # humaneval's default k: those up to --samples
 
 
-def _print_result(result: dict, compact: bool) -> None:
-    print(json.dumps(result, default=float) if compact else json.dumps(result, indent=2, default=float))
+def _pass_at_ks(args) -> tuple[int, ...]:
+    """--k, refused where a k exceeds --samples (pass@k needs at least k samples per problem)."""
+    if args.k is None:
+        return tuple(k for k in PASS_AT if k <= args.samples)
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise ValueError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    for k in ks:
+        if not 1 <= k <= args.samples:
+            raise ValueError(f"--k: pass@{k} needs at least {k} samples per problem, and --samples is {args.samples} "
+                             f"(raise --samples or drop k={k})")
+    return ks
 
 
 def cmd_eval(args) -> int:
@@ -112,18 +374,10 @@ def cmd_eval(args) -> int:
     from blt_jax.tasks import translation  # noqa: PLC0415
 
     if args.task in ("translate", "mc-gettext"):
-        try:  # before loading the model: a machine without catalogs skips at once
-            translation.catalog_files(args.lang)
-        except translation.NoCatalogs as e:
-            return _skip(args, str(e))
-    gen = dict(method=args.method,
-               sampling=api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-               draft_len=args.draft_len, block_size=args.block_size)
-    model = api.load(args.checkpoint)
-    try:
-        result = _run_task(args, model, gen)
-    except translation.NoCatalogs as e:
-        return _skip(args, str(e))
+        translation.catalog_files(args.lang)  # before loading the model: no catalogs -> an error at once
+    ks = _pass_at_ks(args) if args.task == "humaneval" else ()
+    model = api.load(args.checkpoint, dtype=args.dtype)
+    result = _run_task(args, model, _generation_kwargs(args), ks)
     if not args.json:
         result.pop("predictions", None)
         result.pop("results", None)
@@ -131,16 +385,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _skip(args, why: str) -> int:
-    print(f"blt eval: skipped: {why}", file=sys.stderr)
-    _print_result({"task": args.task, "skipped": why}, args.json)
-    return 0
-
-
-def _run_task(args, model, gen: dict) -> dict:
+def _run_task(args, model, gen: dict, ks: tuple[int, ...]) -> dict:
     from blt_jax.tasks import code, continuation, multiple_choice, scoring, translation  # noqa: PLC0415
 
-    n = args.items
     if args.task == "bpb":
         from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
 
@@ -149,51 +396,89 @@ def _run_task(args, model, gen: dict) -> dict:
         result = scoring.bits_per_byte(model, files, window=window, batch_size=args.batch_size)
         return {"task": "bpb", "corpus": "files" if args.files else "embedded held-out split", **result}
     if args.task in ("mc-next-line", "mc-gettext"):
-        items = (multiple_choice.heldout_next_line_items(n or 100, args.seed) if args.task == "mc-next-line"
-                 else multiple_choice.gettext_choice_items(args.lang, n or 100, args.seed))
+        n = args.items or 100
+        items = (multiple_choice.heldout_next_line_items(n, args.seed) if args.task == "mc-next-line"
+                 else multiple_choice.gettext_choice_items(args.lang, n, args.seed))
         return {"task": args.task, **multiple_choice.evaluate(model, items, args.batch_size)}
     if args.task == "translate":
-        return translation.evaluate(model, args.lang, n_items=n or 50, n_shots=args.shots, seed=args.seed,
+        return translation.evaluate(model, args.lang, n_items=args.items or 50, n_shots=args.shots, seed=args.seed,
                                     max_new_bytes=args.max_new_bytes or 96, batch_size=args.batch_size, **gen)
     if args.task == "humaneval":
-        ks = tuple(int(k) for k in args.k.split(","))
-        return code.evaluate(model, limit=n, n_samples=args.samples, max_new_bytes=args.max_new_bytes or 256,
+        return code.evaluate(model, limit=args.items, n_samples=args.samples, max_new_bytes=args.max_new_bytes or 256,
                              ks=ks, timeout=args.timeout, workers=args.workers, batch_size=args.batch_size,
                              seed=args.seed, **gen)
-    return continuation.evaluate(model, n or 50, args.prompt_bytes, args.target_bytes, seed=args.seed,
+    return continuation.evaluate(model, args.items or 50, args.prompt_bytes, args.target_bytes, seed=args.seed,
                                  batch_size=args.batch_size, **gen)
 
 
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompts or [])
-    if args.file:
-        text = Path(args.file).read_text(encoding="utf-8")
-        prompts += [line for line in text.split("\n") if line] if args.one_per_line else [text]
-    if args.stdin or (not prompts and not sys.stdin.isatty()):
-        text = sys.stdin.read()
-        prompts += [line for line in text.split("\n") if line] if args.one_per_line else [text]
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a run: held-out bits per byte (and a unigram baseline) by "
+                                    "default, or a task: bpb on any files, multiple choice, translation, "
+                                    "HumanEval, continuation")
+    e.add_argument("--checkpoint", required=True, help="run directory")
+    e.add_argument("--task", default="heldout", choices=EVAL_TASKS,
+                   help="heldout: bits/byte on the run's data store split + unigram baseline; bpb: bits/byte "
+                        "of --files (default: the embedded held-out files) in windows; mc-next-line / "
+                        "mc-gettext: multiple choice by likelihood; translate: few-shot English -> --lang on "
+                        "the machine's gettext catalogs (BLEU, chrF); humaneval: pass@k; continuation: "
+                        "continue held-out text (exact match, prefix, chrF)")
+    e.add_argument("--store", help="heldout: data store root (default: the run's)")
+    e.add_argument("--split", default="heldout", choices=("heldout", "train"), help="heldout: the split")
+    e.add_argument("--batches", type=positive_int, default=None, help="heldout: eval batches (default: the run's)")
+    e.add_argument("--files", nargs="+", help="bpb: files/folders to score")
+    e.add_argument("--window", type=positive_int, help="bpb: bytes per window, each scored from BOS (default: the "
+                                                       "run's training sequence length)")
+    e.add_argument("--items", type=positive_int, help="items (default: 100 multiple choice, 50 translate/continuation, "
+                                                      "all 164 HumanEval problems)")
+    e.add_argument("--lang", default="de", help="translate / mc-gettext: target language (a /usr/share/locale "
+                                                "folder name: de, fr, ...)")
+    e.add_argument("--shots", type=non_negative_int, default=3, help="translate: examples in the prompt")
+    e.add_argument("--samples", type=positive_int, default=1, help="humaneval: completions per problem")
+    e.add_argument("--k", help="humaneval: comma-separated k of pass@k, each <= --samples (default: those of "
+                               "1, 10, 100 that are)")
+    e.add_argument("--timeout", type=finite_float, default=3.0, help="humaneval: seconds per test run")
+    e.add_argument("--workers", type=positive_int, default=2, help="humaneval: parallel test runs")
+    e.add_argument("--prompt-bytes", type=positive_int, default=128, help="continuation: prompt length")
+    e.add_argument("--target-bytes", type=positive_int, default=32, help="continuation: bytes to continue")
+    e.add_argument("--max-new-bytes", type=positive_int,
+                   help="generation budget (default: 96 translate, 256 humaneval)")
+    e.add_argument("--seed", type=int, default=0, help="item selection and sampling")
+    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--json", action="store_true", help="one compact JSON line, with per-item details")
+    _add_generation_args(e)
+    e.set_defaults(fn=cmd_eval)
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+
+def _read_prompts(args) -> list[bytes]:
+    """Prompts as bytes (a byte model takes any): arguments as the OS passed them, files and stdin raw."""
+    prompts = [os.fsencode(p) for p in args.prompts or []]  # undecodable argv bytes come back exactly
+    sources = ([Path(args.file).read_bytes()] if args.file else []) + \
+        ([sys.stdin.buffer.read()] if args.stdin or (not prompts and not sys.stdin.isatty()) else [])
+    for data in sources:
+        prompts += [line for line in data.split(b"\n") if line] if args.one_per_line else [data]
     return prompts
 
 
 def cmd_generate(args) -> int:
-    from blt_jax.generation import api  # noqa: PLC0415
+    from blt_jax.generation import api, bulk  # noqa: PLC0415
 
+    if any(getattr(args, option) for option in bulk.BULK_OPTIONS):  # a JSON Lines file, continuous batching
+        return bulk.command(args, **_generation_kwargs(args))
     prompts = _read_prompts(args)
-    model = api.load(args.checkpoint)
+    model = api.load(args.checkpoint, dtype=args.dtype)
     if args.sharded:
         from blt_jax import sharding  # noqa: PLC0415
         from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
 
         mesh_cfg = load_run_config(args.checkpoint)[1].mesh
         model = api.on_mesh(model, sharding.make_mesh(mesh_cfg), mesh_cfg)
-    kwargs = dict(max_new_bytes=args.max_new_bytes, method=args.method, seed=args.seed,
-                  sampling=api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-                  stop_at_eos=not args.no_eos_stop, draft_len=args.draft_len, block_size=args.block_size,
-                  unmask=api.UnmaskConfig(rule=args.unmask, alpha=args.alpha, gamma=args.gamma))
+    kwargs = dict(max_new_bytes=args.max_new_bytes, seed=args.seed, **_generation_kwargs(args))
     if args.stream:
         if len(prompts) != 1 or args.json:
-            raise ConfigError("--stream: give exactly one prompt, without --json")
-        sys.stdout.write(prompts[0])
+            raise ValueError("--stream: give exactly one prompt, without --json")
+        sys.stdout.write(prompts[0].decode("utf-8", errors="replace"))
         for piece in api.stream(model, prompts[0], **kwargs):
             sys.stdout.write(piece.decode("utf-8", errors="replace"))
             sys.stdout.flush()
@@ -208,19 +493,119 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from a BLT run")
+    g.add_argument("--checkpoint", required=True, help="BLT run directory")
+    g.add_argument("prompts", nargs="*", help="prompt strings")
+    g.add_argument("--file", help="read prompts from a file")
+    g.add_argument("--stdin", action="store_true", help="read prompts from standard input")
+    g.add_argument("--one-per-line", action="store_true", help="each line of --file/--stdin is a prompt")
+    g.add_argument("--max-new-bytes", type=positive_int, default=128)
+    g.add_argument("--seed", type=int, default=0, help="sampling")
+    g.add_argument("--stream", action="store_true", help="print bytes as they are generated (one prompt)")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.add_argument("--sharded", action="store_true",
+                   help="split parameters over all local devices by the run's mesh config, and the prompt batch "
+                        "(and every cache) over its batch axes")
+    b = g.add_argument_group("bulk", "many prompts from a JSON Lines file, continuously batched (--input)")
+    b.add_argument("--input", metavar="FILE",
+                   help="records {\"id\", \"prompt\"} (optional per record: max_new_bytes, temperature, top_k, top_p, "
+                        "seed), one per line; '-': stdin")
+    b.add_argument("--output", metavar="FILE",
+                   help="one JSON line per record as it finishes ('-' or left out: stdout); an existing file is "
+                        "continued: records already in it are skipped")
+    b.add_argument("--batch-size", type=positive_int, help="rows generated at once (default: 32)")
+    b.add_argument("--max-positions", type=positive_int,
+                   help="positions per row: prompt + max_new_bytes + the method's lookahead; a record that needs "
+                        "more gets an error line (default: 2048)")
+    b.add_argument("--ordered", action="store_true", help="write records in input order")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_generation_args(g)
+    _add_distributed_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+
+# ---- serve -------------------------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from blt_jax import serve  # noqa: PLC0415
+
+    return serve.command(args, **_generation_kwargs(args))
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve a BLT run over HTTP: OpenAI-style /v1/completions (streaming as "
+                                     "server-sent events), concurrent requests continuously batched")
+    s.add_argument("--checkpoint", required=True, help="BLT run directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=non_negative_int, default=8000)
+    s.add_argument("--batch-size", type=positive_int, default=32, help="rows generated at once (per method)")
+    s.add_argument("--max-positions", type=positive_int, default=2048,
+                   help="positions per row: prompt + max_tokens + the method's lookahead; longer requests get a 400")
+    s.add_argument("--max-new-bytes", type=positive_int, default=128, help="max_tokens of requests without one")
+    s.add_argument("--model-name", help="the model id in answers (default: the checkpoint folder's name)")
+    s.add_argument("--no-warmup", action="store_true", help="compile on the first request, not before serving")
+    _add_generation_args(s)
+    s.set_defaults(fn=cmd_serve)
+
+
+# ---- convert -----------------------------------------------------------------------------------------------
+
 def cmd_convert(args) -> int:
     from blt_jax import convert  # noqa: PLC0415
 
     if args.from_hf:
-        cfg = convert.import_hf(args.src, args.dst)
+        cfg = convert.import_hf(args.src, args.dst, overwrite=args.overwrite)
         print(f"imported {args.src} -> {args.dst} (patching {cfg.patching.mode}, threshold {cfg.patching.threshold})")
     elif args.params_only:
-        convert.export_params(args.src, args.dst)
+        convert.export_params(args.src, args.dst, overwrite=args.overwrite)
         print(f"exported the parameters of {args.src} -> {args.dst} (for `blt generate` / `blt eval`)")
     else:
-        convert.export_hf(args.src, args.dst)
+        convert.export_hf(args.src, args.dst, overwrite=args.overwrite)
         print(f"exported {args.src} -> {args.dst} (load with transformers' BltForCausalLM.from_pretrained)")
     return 0
+
+
+def _convert_parser(sub) -> None:
+    cv = sub.add_parser("convert", help="import a transformers Blt checkpoint, or export a run to one")
+    direction = cv.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", action="store_true", help="SRC is a transformers save_pretrained folder")
+    direction.add_argument("--to-hf", action="store_true", help="SRC is a blt_jax BLT run directory")
+    direction.add_argument("--params-only", action="store_true",
+                           help="SRC is a BLT run: write its parameters alone (no optimizer state) to DST")
+    cv.add_argument("src")
+    cv.add_argument("dst", help="a new (or empty) folder")
+    cv.add_argument("--overwrite", action="store_true",
+                    help="replace DST if it holds anything (it is replaced whole, once the new one is complete)")
+    cv.set_defaults(fn=cmd_convert)
+
+
+# ---- aot, params -------------------------------------------------------------------------------------------
+
+def cmd_aot(args) -> int:
+    import jax  # noqa: PLC0415
+
+    if args.local_cpu_devices is not None:  # before jax starts its backends
+        jax.config.update("jax_num_cpu_devices", args.local_cpu_devices)
+    from blt_jax.aot import run_aot  # noqa: PLC0415
+
+    report = run_aot(_run_config(args), topology=args.topology, num_slices=args.num_slices,
+                     cpu_devices=args.local_cpu_devices)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _aot_parser(sub) -> None:
+    a = sub.add_parser("aot", help="compile the train step ahead of time for a target topology and report "
+                                   "per-device memory (does the config fit?)")
+    _add_config_args(a)
+    _add_objective_args(a)
+    a.add_argument("--topology", help="a TPU accelerator type, e.g. v5p-256, v6e-256 (needs libtpu: "
+                                      "pip install 'jax[tpu]'); default: this machine's devices")
+    a.add_argument("--num-slices", type=positive_int, default=1,
+                   help="TPU slices (multi-slice; set mesh.dcn_parallelism)")
+    a.add_argument("--local-cpu-devices", type=positive_int, help="compile for this many virtual CPU devices instead")
+    a.set_defaults(fn=cmd_aot)
 
 
 def cmd_params(args) -> int:
@@ -237,201 +622,76 @@ def cmd_params(args) -> int:
     return 0
 
 
-def cmd_quickstart(args) -> int:
-    from blt_jax.quickstart import run_quickstart  # noqa: PLC0415
-
-    cfg = _run_config(args)
-    run_quickstart(cfg, Path(args.out), data=args.data, progress=not args.no_progress)
-    return 0
+def _params_parser(sub) -> None:
+    pa = sub.add_parser("params", help="parameter counts per component and FLOPs per byte of a preset")
+    _add_config_args(pa)
+    pa.set_defaults(fn=cmd_params)
 
 
-def cmd_aot(args) -> int:
-    import jax  # noqa: PLC0415
+# ---- the command -------------------------------------------------------------------------------------------
 
-    if args.local_cpu_devices is not None:  # before jax starts its backends
-        jax.config.update("jax_num_cpu_devices", args.local_cpu_devices)
-    from blt_jax.aot import run_aot  # noqa: PLC0415
-
-    report = run_aot(_run_config(args), topology=args.topology, num_slices=args.num_slices,
-                     cpu_devices=args.local_cpu_devices)
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-def _add_distributed_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("multi-process", "TPU pods need none of these (jax finds the pod itself)")
-    g.add_argument("--coordinator", help="host:port of process 0 (env BLT_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, help="processes in the job (env BLT_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, help="this process's index (env BLT_PROCESS_ID)")
-    g.add_argument("--local-cpu-devices", type=int,
-                   help="virtual CPU devices in this process (CPU-only runs; env BLT_LOCAL_CPU_DEVICES)")
-
-
-def _start_distributed(args) -> None:
-    from blt_jax import distributed  # noqa: PLC0415
-
-    distributed.initialize(distributed.DistributedConfig.from_env(
-        coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
-        local_cpu_devices=args.local_cpu_devices))
-
-
-def _add_objective_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--objective", choices=("next-byte", "blt-d"),
-                   help="next-byte: plain BLT; blt-d: BLT plus the block masked-diffusion loss of Fast BLT "
-                        "(default: the config's model.diffusion.block_size decides)")
-    p.add_argument("--block-size", type=int, choices=(4, 8, 16),
-                   help="BLT-D block size B (implies --objective blt-d; default: the config's, else 4)")
+SUBCOMMANDS = (_quickstart_parser, _prepare_parser, _calibrate_parser, _train_parser, _eval_parser,
+               _generate_parser, _serve_parser, _convert_parser, _aot_parser, _params_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer in JAX: train, evaluate, generate.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    q = sub.add_parser("quickstart", help="prepare the embedded corpus, train the entropy model, calibrate "
-                                          "patching, train a small BLT, evaluate and generate")
-    _add_config_args(q)
-    q.add_argument("--out", default="runs/quickstart", help="folder for the data store and both runs")
-    q.add_argument("--data", nargs="+", help="your own text files/folders instead of the embedded corpus")
-    q.add_argument("--no-progress", action="store_true")
-    _add_objective_args(q)
-    q.set_defaults(fn=cmd_quickstart)
-
-    pr = sub.add_parser("prepare", help="tokenise a corpus into a tensorstore data store; with --entropy-run, "
-                                        "precompute entropies and calibrate the patching threshold")
-    _add_config_args(pr)
-    pr.add_argument("--data", nargs="+", help="text files/folders to prepare (default: the embedded corpus)")
-    pr.add_argument("--store", help="data store root, a local folder or tensorstore URL (sets data.path)")
-    pr.add_argument("--heldout-fraction", type=float, default=0.02)
-    pr.add_argument("--max-train-bytes", type=int, default=None)
-    pr.add_argument("--entropy-run", help="a trained entropy-model run directory")
-    pr.add_argument("--no-progress", action="store_true")
-    pr.set_defaults(fn=cmd_prepare)
-
-    c = sub.add_parser("calibrate", help="calibrate the entropy threshold to a target mean patch length")
-    _add_config_args(c)
-    c.add_argument("--store", help="data store root (sets data.path)")
-    c.add_argument("--target", type=float, default=None, help="bytes per patch (default: the config's)")
-    c.set_defaults(fn=cmd_calibrate)
-
-    t = sub.add_parser("train", help="train (or resume) the entropy model or a BLT")
-    _add_config_args(t)
-    t.add_argument("--what", choices=("blt", "entropy"), default="blt")
-    t.add_argument("--run", required=True, help="run directory (resumes automatically if it holds checkpoints)")
-    t.add_argument("--store", help="data store root, made by `blt prepare` (sets data.path)")
-    t.add_argument("--entropy-run", help="entropy-model run (default: the one recorded in the data store)")
-    _add_objective_args(t)
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--stop-after", type=int, help="end at this step with a checkpoint, as a preemption would "
-                                                  "(the schedule still targets train.steps; run again to resume)")
-    _add_distributed_args(t)
-    t.set_defaults(fn=cmd_train)
-
-    e = sub.add_parser("eval", help="evaluate a run: held-out bits per byte (and a unigram baseline) by "
-                                    "default, or a task: bpb on any files, multiple choice, translation, "
-                                    "HumanEval, continuation")
-    e.add_argument("--checkpoint", required=True, help="run directory")
-    e.add_argument("--task", default="heldout", choices=EVAL_TASKS,
-                   help="heldout: bits/byte on the run's data store split + unigram baseline; bpb: bits/byte "
-                        "of --files (default: the embedded held-out files) in windows; mc-next-line / "
-                        "mc-gettext: multiple choice by likelihood; translate: few-shot English -> --lang on "
-                        "the machine's gettext catalogs (BLEU, chrF); humaneval: pass@k; continuation: "
-                        "continue held-out text (exact match, prefix, chrF)")
-    e.add_argument("--store", help="heldout: data store root (default: the run's)")
-    e.add_argument("--split", default="heldout", choices=("heldout", "train"), help="heldout: the split")
-    e.add_argument("--batches", type=int, default=None, help="heldout: eval batches")
-    e.add_argument("--files", nargs="+", help="bpb: files/folders to score")
-    e.add_argument("--window", type=int, help="bpb: bytes per window, each scored from BOS (default: the "
-                                              "run's training sequence length)")
-    e.add_argument("--items", type=int, help="items (default: 100 multiple choice, 50 translate/continuation, "
-                                             "all 164 HumanEval problems)")
-    e.add_argument("--lang", default="de", help="translate / mc-gettext: target language (a /usr/share/locale "
-                                                "folder name: de, fr, ...)")
-    e.add_argument("--shots", type=int, default=3, help="translate: examples in the prompt")
-    e.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem")
-    e.add_argument("--k", default="1,10,100", help="humaneval: comma-separated k of pass@k (k <= --samples)")
-    e.add_argument("--timeout", type=float, default=3.0, help="humaneval: seconds per test run")
-    e.add_argument("--workers", type=int, default=2, help="humaneval: parallel test runs")
-    e.add_argument("--prompt-bytes", type=int, default=128, help="continuation: prompt length")
-    e.add_argument("--target-bytes", type=int, default=32, help="continuation: bytes to continue")
-    e.add_argument("--max-new-bytes", type=int, help="generation budget (default: 96 translate, 256 humaneval)")
-    e.add_argument("--method", default="ar", choices=("ar", "ar-nocache", "s", "d", "dv"),
-                   help="generation method (see `blt generate`)")
-    e.add_argument("--draft-len", type=int, default=8)
-    e.add_argument("--block-size", type=int)
-    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    e.add_argument("--top-k", type=int, default=0)
-    e.add_argument("--top-p", type=float, default=1.0)
-    e.add_argument("--seed", type=int, default=0, help="item selection and sampling")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--json", action="store_true", help="one compact JSON line, with per-item details")
-    e.set_defaults(fn=cmd_eval)
-
-    g = sub.add_parser("generate", help="generate text from a BLT run")
-    g.add_argument("--checkpoint", required=True, help="BLT run directory")
-    g.add_argument("prompts", nargs="*", help="prompt strings")
-    g.add_argument("--file", help="read prompts from a file")
-    g.add_argument("--stdin", action="store_true", help="read prompts from standard input")
-    g.add_argument("--one-per-line", action="store_true", help="each line of --file/--stdin is a prompt")
-    g.add_argument("--max-new-bytes", type=int, default=128)
-    g.add_argument("--method", default="ar", choices=("ar", "ar-nocache", "s", "d", "dv"),
-                   help="ar: cached autoregressive; ar-nocache: a full forward per byte; s: BLT-S speculative "
-                        "(any BLT); d: BLT-D block diffusion; dv: BLT-D draft + autoregressive verify "
-                        "(d and dv need a model trained with --objective blt-d)")
-    g.add_argument("--draft-len", type=int, default=8, help="BLT-S: bytes drafted per round (k)")
-    g.add_argument("--block-size", type=int, help="BLT-D/DV: block size B (default: the model's)")
-    g.add_argument("--unmask", default="confidence", choices=("confidence", "entropy", "one_step"),
-                   help="BLT-D/DV unmasking rule")
-    g.add_argument("--alpha", type=float, default=0.7, help="confidence rule: commit cells with p > alpha")
-    g.add_argument("--gamma", type=float, default=1.0, help="entropy rule: cumulative entropy bound")
-    g.add_argument("--stream", action="store_true", help="print bytes as they are generated (one prompt)")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-eos-stop", action="store_true", help="always generate max-new-bytes bytes")
-    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    g.add_argument("--sharded", action="store_true",
-                   help="split parameters over all local devices by the run's mesh config, and the prompt batch "
-                        "(and every cache) over its batch axes")
-    g.set_defaults(fn=cmd_generate)
-
-    cv = sub.add_parser("convert", help="import a transformers Blt checkpoint, or export a run to one")
-    direction = cv.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-hf", action="store_true", help="SRC is a transformers save_pretrained folder")
-    direction.add_argument("--to-hf", action="store_true", help="SRC is a blt_jax BLT run directory")
-    direction.add_argument("--params-only", action="store_true",
-                           help="SRC is a BLT run: write its parameters alone (no optimizer state) to DST")
-    cv.add_argument("src")
-    cv.add_argument("dst")
-    cv.set_defaults(fn=cmd_convert)
-
-    a = sub.add_parser("aot", help="compile the train step ahead of time for a target topology and report "
-                                   "per-device memory (does the config fit?)")
-    _add_config_args(a)
-    _add_objective_args(a)
-    a.add_argument("--topology", help="a TPU accelerator type, e.g. v5p-256, v6e-256 (needs libtpu: "
-                                      "pip install 'jax[tpu]'); default: this machine's devices")
-    a.add_argument("--num-slices", type=int, default=1, help="TPU slices (multi-slice; set mesh.dcn_parallelism)")
-    a.add_argument("--local-cpu-devices", type=int, help="compile for this many virtual CPU devices instead")
-    a.set_defaults(fn=cmd_aot)
-
-    pa = sub.add_parser("params", help="parameter counts per component and FLOPs per byte of a preset")
-    _add_config_args(pa)
-    pa.set_defaults(fn=cmd_params)
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
     return p
+
+
+class _NoBackgroundTracebacks(logging.Filter):
+    """A failed checkpoint write fails every array write in flight: orbax logs a traceback for each background
+    thread and asyncio one for each abandoned future (hundreds of lines for one full disk). The command
+    reports the failure itself in one line, so these records keep their message and lose the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio" or "orbax" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_background_tracebacks() -> None:
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
+            logger.addFilter(_NoBackgroundTracebacks())
+
+
+def _one_line_warnings(command: str) -> None:
+    """blt_jax's own warnings (e.g. a damaged checkpoint skipped) as one `blt <cmd>: warning: ...` line."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("blt_jax"):
+            print(f"blt {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = warnings.showwarning
+    _one_line_warnings(args.command)
+    _quiet_background_tracebacks()
     try:
         if hasattr(args, "coordinator"):  # before any other jax call
             _start_distributed(args)
         return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError, FloatingPointError) as e:
+        # refused input, missing or damaged files, a failed save, a diverged loss: one line, not a traceback
         if os.environ.get("BLT_DEBUG"):
             raise
-        print(f"blt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        more = " (BLT_DEBUG=1 shows the rest)" if len(lines) > 1 else ""
+        print(f"blt {args.command}: error: {lines[0]}{more}", file=sys.stderr)
+        return exit_codes.ERROR
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

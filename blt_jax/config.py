@@ -1,26 +1,136 @@
-"""Configuration as data: frozen dataclasses, named presets and `key=value` overrides.
+"""Configuration as data: frozen dataclasses and `key=value` overrides (named presets: `blt_jax.presets`).
 
-Every field is validated when the dataclass is built; a bad value raises `ConfigError` whose message starts
-with the dotted name of the offending field (e.g. `model.encoder.n_heads`).
+Every field declares its constraint next to it (`constrained(...)`, kept in the field's metadata); one
+validator checks the types (a `Literal` field holds one of its values, every float is finite), those
+constraints, then each class's rules between fields, when a `RunConfig` is built. A bad value raises
+`ConfigError` whose message starts with the dotted name of the offending field (e.g. `model.encoder.n_heads`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterator, Literal, Optional
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
+# ---- constraints declared per field ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a field's value must satisfy: a test and the words after "must be" (e.g. ">= 1")."""
+
+    holds: Callable[[Any], bool]
+    what: str
+
+
+def at_least(low: float, why: str = "") -> Constraint:
+    return Constraint(lambda v: v >= low, f">= {low}{why}")
+
+
+def positive() -> Constraint:
+    return Constraint(lambda v: v > 0, "positive")
+
+
+def within(low: float, high: float, *, open_low: bool = False, open_high: bool = False, why: str = "") -> Constraint:
+    """low <= v <= high, each end open (strict) on request; written as the interval, e.g. [0, 1)."""
+    def holds(v):
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+    brackets = ("(" if open_low else "[") + f"{low}, {high}" + (")" if open_high else "]")
+    return Constraint(holds, f"in {brackets}{why}")
+
+
+def constrained(default: Any = dataclasses.MISSING, check: Optional[Constraint] = None, *,
+                default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose value must satisfy `check` (None passes when the field is Optional)."""
+    return field(default=default, default_factory=default_factory, metadata={"check": check})
+
+
+def choices(literal_type: Any) -> tuple:
+    """The values of a `Literal[...]` type, e.g. for a command-line option's `choices`."""
+    return typing.get_args(literal_type)
+
+
+# ---- the one validator -------------------------------------------------------------------------------------
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> its resolved annotation (annotations are strings under `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _check_type(tp: Any, value: Any, name: str) -> None:
+    """`value` fits the annotation `tp`; floats must be finite, a `Literal` one of its values."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return
+        return _check_type(next(a for a in args if a is not type(None)), value, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: must be one of {args}, got {value!r}")
+    elif origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{name}: expected {len(item_types)} items, got {list(value)}")
+        for item_type, item in zip(item_types, value, strict=True):
+            _check_type(item_type, item, name)
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
+    elif tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    elif tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    elif tp is str and not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    elif dataclasses.is_dataclass(tp) and not isinstance(value, tp):
+        raise ConfigError(f"{name}: expected a {tp.__name__}, got {type(value).__name__}")
+
+
+def validate(cfg: Any, name: str = "") -> None:
+    """Check every field of the config dataclass `cfg` (recursively), then its rules between fields.
+    `name` is the dotted path of `cfg` itself (messages start with the field's full path)."""
+    types = _field_types(type(cfg))
+    for f in fields(cfg):
+        path = f"{name}.{f.name}" if name else f.name
+        value = getattr(cfg, f.name)
+        _check_type(types[f.name], value, path)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check.holds(value):
+            optional = type(None) in typing.get_args(types[f.name])
+            raise ConfigError(f"{path}: must be {'None or ' if optional else ''}{check.what}, got {value!r}")
+        if dataclasses.is_dataclass(value):
+            validate(value, path)
+    for field_name, holds, message in cfg.cross_field_checks():
+        if not holds:
+            raise ConfigError(f"{name}.{field_name}: {message}" if name else f"{field_name}: {message}")
+
+
+class Validated:
+    """Config dataclasses: `cross_field_checks()` yields (field, holds, message) for constraints between
+    fields, checked in order after every field's own (so a check may rely on them); `validate()` runs the
+    one validator."""
+
+    section: ClassVar[str] = ""  # the dotted name this config usually has inside a RunConfig
+
+    def cross_field_checks(self) -> Iterator[tuple[str, bool, str]]:
+        return iter(())
+
+    def validate(self, name: Optional[str] = None) -> None:
+        validate(self, self.section if name is None else name)
 
 
 def ffn_dim_for(dim: int, multiplier: float = 1.0, multiple_of: int = 256) -> int:
@@ -29,18 +139,20 @@ def ffn_dim_for(dim: int, multiplier: float = 1.0, multiple_of: int = 256) -> in
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# ---- the schema --------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
-class StackConfig:
+class StackConfig(Validated):
     """One stack of pre-norm transformer blocks (RMSNorm, RoPE self-attention with GQA, SwiGLU)."""
 
-    dim: int
-    n_layers: int
-    n_heads: int
-    ffn_dim: int
-    n_kv_heads: Optional[int] = None  # None: same as n_heads (no GQA)
-    rope_theta: float = 500_000.0
-    window: Optional[int] = None  # sliding causal window in positions; None: full causal
-    norm_eps: float = 1e-5
+    dim: int = constrained(check=positive())
+    n_layers: int = constrained(check=at_least(1))
+    n_heads: int = constrained(check=at_least(1))
+    ffn_dim: int = constrained(check=positive())
+    n_kv_heads: Optional[int] = constrained(None, at_least(1))  # None: same as n_heads (no GQA)
+    rope_theta: float = constrained(500_000.0, positive())
+    window: Optional[int] = constrained(None, at_least(1, " (None: full causal)"))  # sliding causal window
+    norm_eps: float = constrained(1e-5, positive())
 
     @property
     def kv_heads(self) -> int:
@@ -50,33 +162,19 @@ class StackConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def validate(self, name: str, min_layers: int = 1) -> None:
-        _check(self.dim >= 1, f"{name}.dim", f"must be positive, got {self.dim}")
-        _check(self.n_layers >= min_layers, f"{name}.n_layers", f"must be >= {min_layers}, got {self.n_layers}")
-        _check(self.n_heads >= 1, f"{name}.n_heads", f"must be positive, got {self.n_heads}")
-        _check(self.dim % self.n_heads == 0, f"{name}.n_heads",
-               f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        _check(self.head_dim % 2 == 0, f"{name}.n_heads",
-               f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
-        _check(self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0, f"{name}.n_kv_heads",
+    def cross_field_checks(self):
+        yield "n_heads", self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by n_heads={self.n_heads}"
+        yield "n_heads", self.head_dim % 2 == 0, f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE"
+        yield ("n_kv_heads", self.n_heads % self.kv_heads == 0,
                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
-        _check(self.ffn_dim >= 1, f"{name}.ffn_dim", f"must be positive, got {self.ffn_dim}")
-        _check(self.rope_theta > 0, f"{name}.rope_theta", f"must be positive, got {self.rope_theta}")
-        _check(self.window is None or self.window >= 1, f"{name}.window",
-               f"must be None (full causal) or >= 1, got {self.window}")
-        _check(self.norm_eps > 0, f"{name}.norm_eps", f"must be positive, got {self.norm_eps}")
 
 
 @dataclass(frozen=True)
-class EntropyModelConfig:
+class EntropyModelConfig(Validated):
     """The small causal byte LM whose next-byte entropy places patch boundaries."""
 
     stack: StackConfig
-    vocab_size: int = 260
-
-    def validate(self, name: str) -> None:
-        self.stack.validate(f"{name}.stack")
-        _check(self.vocab_size >= 260, f"{name}.vocab_size", f"must be >= 260 (bytes + 4 specials), got {self.vocab_size}")
+    vocab_size: int = constrained(260, at_least(260, " (bytes + 4 specials)"))
 
 
 PatchingMode = Literal["entropy", "static", "space", "byte"]
@@ -84,17 +182,18 @@ EntropyRule = Literal["global", "monotonic", "global_and_monotonic"]
 
 
 @dataclass(frozen=True)
-class PatchingConfig:
+class PatchingConfig(Validated):
     """How bytes are grouped into patches. Rules follow the reference code (see `blt_jax.patching`)."""
 
     mode: PatchingMode = "entropy"
     threshold: Optional[float] = None  # nats; None: use the threshold calibrated into the data store
     rule: EntropyRule = "global"
     threshold_add: Optional[float] = None  # the monotonic margin of the `global_and_monotonic` rule
-    max_patch_length: Optional[int] = None
-    patch_size: int = 4  # static patching only
-    max_patches: int = 256  # static number of patch slots per sequence (global model length)
-    target_patch_length: float = 4.0  # calibration target, bytes per patch
+    max_patch_length: Optional[int] = constrained(None, at_least(1))
+    patch_size: int = constrained(4, at_least(1))  # static patching only
+    # static number of patch slots per sequence (global model length)
+    max_patches: int = constrained(256, at_least(2, " (BOS patch + one more)"))
+    target_patch_length: float = constrained(4.0, Constraint(lambda v: v > 1.0, "> 1 byte"))  # calibration target
     # transformers splits long patches after the fact and drops empty ones, so with max_patch_length its
     # last byte never reads its own patch's latent. True reproduces that (set for converted checkpoints);
     # it makes patching non-incremental at the newest byte, so cached samplers refuse it.
@@ -103,21 +202,9 @@ class PatchingConfig:
     # treats a mid-sequence BOS as an ordinary byte, so converted checkpoints turn this off
     document_starts: bool = True
 
-    def validate(self, name: str) -> None:
-        _check(self.mode in typing.get_args(PatchingMode), f"{name}.mode",
-               f"must be one of {typing.get_args(PatchingMode)}, got {self.mode!r}")
-        _check(self.rule in typing.get_args(EntropyRule), f"{name}.rule",
-               f"must be one of {typing.get_args(EntropyRule)}, got {self.rule!r}")
-        _check(self.threshold is None or math.isfinite(self.threshold), f"{name}.threshold",
-               f"must be a finite number or None, got {self.threshold}")
-        _check(self.rule != "global_and_monotonic" or self.threshold_add is not None, f"{name}.threshold_add",
+    def cross_field_checks(self):
+        yield ("threshold_add", self.rule != "global_and_monotonic" or self.threshold_add is not None,
                "is required by rule='global_and_monotonic'")
-        _check(self.max_patch_length is None or self.max_patch_length >= 1, f"{name}.max_patch_length",
-               f"must be None or >= 1, got {self.max_patch_length}")
-        _check(self.patch_size >= 1, f"{name}.patch_size", f"must be >= 1, got {self.patch_size}")
-        _check(self.max_patches >= 2, f"{name}.max_patches", f"must be >= 2 (BOS patch + one more), got {self.max_patches}")
-        _check(self.target_patch_length > 1.0, f"{name}.target_patch_length",
-               f"must be > 1 byte, got {self.target_patch_length}")
 
     def min_patches_needed(self, seq_len: int) -> int:
         """Fewest patch slots that can hold `seq_len` bytes (+ the virtual next byte) under this config.
@@ -135,39 +222,40 @@ class PatchingConfig:
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(Validated):
     """BLT-D: the block-wise masked-diffusion objective added to next-byte prediction (block_size 0 = off)."""
 
-    block_size: int = 0  # B bytes per block, one block per patch after the first (paper: 4, 8, 16)
-    t_min: float = 1e-3  # t ~ U(t_min, 1) per example: bounds the 1/t weight of the masked loss
-    weight: float = 1.0  # L = L_clean + weight * L_mask (the paper's unweighted sum: 1)
+    # B bytes per block, one block per patch after the first (paper: 4, 8, 16)
+    block_size: int = constrained(0, at_least(0, " (0 = plain BLT)"))
+    # t ~ U(t_min, 1) per example: bounds the 1/t weight of the masked loss
+    t_min: float = constrained(1e-3, within(0.0, 1.0, open_low=True, open_high=True))
+    weight: float = constrained(1.0, at_least(0.0))  # L = L_clean + weight * L_mask (the paper's sum: 1)
 
     @property
     def enabled(self) -> bool:
         return self.block_size > 0
 
-    def validate(self, name: str) -> None:
-        _check(self.block_size >= 0, f"{name}.block_size", f"must be >= 0 (0 = plain BLT), got {self.block_size}")
-        _check(0.0 < self.t_min < 1.0, f"{name}.t_min", f"must lie in (0, 1), got {self.t_min}")
-        _check(self.weight >= 0.0, f"{name}.weight", f"must be >= 0, got {self.weight}")
-
 
 @dataclass(frozen=True)
-class BLTConfig:
+class BLTConfig(Validated):
     """The Byte Latent Transformer; parameter layout matches transformers' `BltForCausalLM`."""
+
+    section: ClassVar[str] = "model"
 
     encoder: StackConfig
     global_model: StackConfig
     decoder: StackConfig
     entropy_model: EntropyModelConfig
     patching: PatchingConfig = field(default_factory=PatchingConfig)
-    vocab_size: int = 260
-    cross_attn_k: int = 2
+    vocab_size: int = constrained(260, at_least(260))
+    cross_attn_k: int = constrained(2, at_least(1))
     encoder_cross_attn_all_layers: bool = False
     decoder_cross_attn_all_layers: bool = True
-    hash_ngram_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
-    hash_vocab: int = 500_002
-    hash_functions: int = 1
+    hash_ngram_sizes: tuple[int, ...] = constrained((3, 4, 5, 6, 7, 8), Constraint(
+        lambda sizes: all(1 <= n <= 16 for n in sizes), "n-gram sizes in 1..16"))
+    # the exact int32 hash reduction needs hash_vocab < 2**23
+    hash_vocab: int = constrained(500_002, within(2, 2**23, open_high=True, why=" (the int32 hash reduction)"))
+    hash_functions: int = constrained(1, at_least(0))
     document_masking: bool = True  # attention never crosses a BOS (document start)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -179,75 +267,54 @@ class BLTConfig:
     def has_global_projection(self) -> bool:
         return self.global_input_dim != self.global_model.dim
 
-    def validate(self, name: str = "model") -> None:
-        self.encoder.validate(f"{name}.encoder")
-        self.global_model.validate(f"{name}.global_model")
-        self.decoder.validate(f"{name}.decoder")
-        self.entropy_model.validate(f"{name}.entropy_model")
-        self.patching.validate(f"{name}.patching")
-        self.diffusion.validate(f"{name}.diffusion")
-        _check(self.decoder.dim == self.encoder.dim, f"{name}.decoder.dim",
-               f"must equal encoder.dim={self.encoder.dim} (the decoder consumes encoder byte states), got {self.decoder.dim}")
-        _check(self.vocab_size >= 260, f"{name}.vocab_size", f"must be >= 260, got {self.vocab_size}")
-        _check(self.cross_attn_k >= 1, f"{name}.cross_attn_k", f"must be >= 1, got {self.cross_attn_k}")
-        _check(len(self.hash_ngram_sizes) >= 0 and all(1 <= n <= 16 for n in self.hash_ngram_sizes),
-               f"{name}.hash_ngram_sizes", f"n-gram sizes must lie in 1..16, got {self.hash_ngram_sizes}")
-        _check(2 <= self.hash_vocab < 2**23, f"{name}.hash_vocab",
-               f"must lie in [2, 2**23) (the exact int32 hash reduction needs it), got {self.hash_vocab}")
-        _check(self.hash_functions >= 0, f"{name}.hash_functions", f"must be >= 0, got {self.hash_functions}")
+    def cross_field_checks(self):
+        yield ("decoder.dim", self.decoder.dim == self.encoder.dim,
+               (f"must equal encoder.dim={self.encoder.dim} (the decoder consumes encoder byte states), "
+                f"got {self.decoder.dim}"))
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Validated):
+    section: ClassVar[str] = "data"
+
     path: str = "runs/data"  # tensorstore root: a local folder or a URL (file://, gs://, memory://, ...)
-    seq_len: int = 512  # bytes per training window (N); N+1 are read so all N positions get a target
-    batch_size: int = 16  # global batch, in windows
+    # bytes per training window (N); N+1 are read so all N positions get a target
+    seq_len: int = constrained(512, at_least(2))
+    batch_size: int = constrained(16, at_least(1))  # global batch, in windows
     seed: int = 0
-    worker_count: int = 0  # grain worker processes; iterator state depends on it (resume with the same value)
+    # grain worker processes; iterator state depends on it (resume with the same value)
+    worker_count: int = constrained(0, at_least(0))
 
-    def validate(self, name: str = "data") -> None:
-        _check(self.seq_len >= 2, f"{name}.seq_len", f"must be >= 2, got {self.seq_len}")
-        _check(self.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.worker_count >= 0, f"{name}.worker_count", f"must be >= 0, got {self.worker_count}")
+
+ComputeDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    learning_rate: float = 4e-4
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+class TrainConfig(Validated):
+    section: ClassVar[str] = "train"
+
+    steps: int = constrained(1000, at_least(1))
+    learning_rate: float = constrained(4e-4, positive())
+    warmup_steps: int = constrained(100, at_least(0))
+    min_lr_ratio: float = constrained(0.0, within(0.0, 1.0))  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = constrained(0.1, at_least(0.0))
+    b1: float = constrained(0.9, within(0.0, 1.0, open_high=True))
+    b2: float = constrained(0.95, within(0.0, 1.0, open_high=True))
+    eps: float = constrained(1e-8, at_least(0.0))
+    grad_clip: float = constrained(1.0, positive())
+    compute_dtype: ComputeDtype = "float32"
     remat: bool = False
     seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 8
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
+    log_every: int = constrained(10, at_least(1))
+    eval_every: int = constrained(0, at_least(0, " (0: only at the end)"))
+    eval_batches: int = constrained(8, at_least(1))
+    checkpoint_every: int = constrained(200, at_least(1))
+    keep_checkpoints: int = constrained(3, at_least(1))
     async_checkpoint: bool = True
 
-    def validate(self, name: str = "train") -> None:
-        _check(self.steps >= 1, f"{name}.steps", f"must be >= 1, got {self.steps}")
-        _check(self.learning_rate > 0, f"{name}.learning_rate", f"must be positive, got {self.learning_rate}")
-        _check(0 <= self.warmup_steps <= self.steps, f"{name}.warmup_steps",
+    def cross_field_checks(self):
+        yield ("warmup_steps", self.warmup_steps <= self.steps,
                f"must lie in [0, steps={self.steps}], got {self.warmup_steps}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{name}.min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}")
-        _check(self.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"{name}.b1", f"betas must lie in [0, 1), got {self.b1}, {self.b2}")
-        _check(self.grad_clip > 0, f"{name}.grad_clip", f"must be positive, got {self.grad_clip}")
-        _check(self.compute_dtype in ("float32", "bfloat16"), f"{name}.compute_dtype",
-               f"must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        _check(self.log_every >= 1, f"{name}.log_every", f"must be >= 1, got {self.log_every}")
-        _check(self.eval_every >= 0, f"{name}.eval_every", f"must be >= 0, got {self.eval_every}")
-        _check(self.eval_batches >= 1, f"{name}.eval_batches", f"must be >= 1, got {self.eval_batches}")
-        _check(self.checkpoint_every >= 1, f"{name}.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        _check(self.keep_checkpoints >= 1, f"{name}.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -273,9 +340,14 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("act_embed", ()),
 )
 
+# one entry per mesh axis, each >= 1 or a single -1 that is filled with whatever the device count leaves
+MESH_SHAPE = Constraint(lambda shape: len(shape) == len(MESH_AXES) and all(n == -1 or n >= 1 for n in shape)
+                        and list(shape).count(-1) <= 1,
+                        f"one entry per mesh axis {MESH_AXES}, each >= 1, with at most one -1 (auto-fill)")
+
 
 @dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(Validated):
     """The device mesh (axes data, fsdp, tensor) and how logical axis names map onto it.
 
     `ici_parallelism` shapes the devices of one slice (one TPU slice, or one host's GPUs); `dcn_parallelism`
@@ -283,35 +355,29 @@ class MeshConfig:
     One entry of each may be -1: filled with whatever the device count leaves.
     """
 
-    ici_parallelism: tuple[int, ...] = (1, -1, 1)
-    dcn_parallelism: tuple[int, ...] = (1, 1, 1)
+    section: ClassVar[str] = "mesh"
+
+    ici_parallelism: tuple[int, ...] = constrained((1, -1, 1), MESH_SHAPE)
+    dcn_parallelism: tuple[int, ...] = constrained((1, 1, 1), MESH_SHAPE)
     logical_axis_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOGICAL_AXIS_RULES
     # parameters at least this large must be split over some mesh axis when the mesh has > 1 device
-    min_sharded_param_bytes: int = 1 << 20
+    min_sharded_param_bytes: int = constrained(1 << 20, at_least(0))
 
     @property
     def rules(self) -> dict[str, tuple[str, ...]]:
         return dict(self.logical_axis_rules)
 
-    def validate(self, name: str = "mesh") -> None:
-        for field_name in ("ici_parallelism", "dcn_parallelism"):
-            shape = getattr(self, field_name)
-            _check(len(shape) == len(MESH_AXES), f"{name}.{field_name}",
-                   f"needs one entry per mesh axis {MESH_AXES}, got {list(shape)}")
-            _check(all(n == -1 or n >= 1 for n in shape) and list(shape).count(-1) <= 1, f"{name}.{field_name}",
-                   f"entries must be >= 1, with at most one -1 (auto-fill), got {list(shape)}")
+    def cross_field_checks(self):
         logical = [k for k, _ in self.logical_axis_rules]
-        _check(len(set(logical)) == len(logical), f"{name}.logical_axis_rules",
+        yield ("logical_axis_rules", len(set(logical)) == len(logical),
                f"a logical axis is listed twice: {sorted(k for k in logical if logical.count(k) > 1)}")
         for key, axes in self.logical_axis_rules:
-            _check(all(a in MESH_AXES for a in axes) and len(set(axes)) == len(axes), f"{name}.logical_axis_rules",
+            yield ("logical_axis_rules", all(a in MESH_AXES for a in axes) and len(set(axes)) == len(axes),
                    f"{key!r} maps to {list(axes)}; mesh axes are {MESH_AXES}, each at most once")
-        _check(self.min_sharded_param_bytes >= 0, f"{name}.min_sharded_param_bytes",
-               f"must be >= 0, got {self.min_sharded_param_bytes}")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Validated):
     """Everything one `blt train` run needs: the model, its data and the two training schedules."""
 
     name: str
@@ -324,18 +390,13 @@ class RunConfig:
     def __post_init__(self):
         self.validate()
 
-    def validate(self) -> None:
-        self.model.validate("model")
-        self.data.validate("data")
-        self.train.validate("train")
-        self.entropy_train.validate("entropy_train")
-        self.mesh.validate("mesh")
+    def cross_field_checks(self):
         needed = self.model.patching.min_patches_needed(self.data.seq_len)
-        _check(self.model.patching.max_patches >= needed, "model.patching.max_patches",
-               f"{self.model.patching.max_patches} slots cannot hold a {self.data.seq_len}-byte window "
-               f"under {self.model.patching.mode} patching (needs at least {needed})")
+        yield ("model.patching.max_patches", self.model.patching.max_patches >= needed,
+               (f"{self.model.patching.max_patches} slots cannot hold a {self.data.seq_len}-byte window "
+                f"under {self.model.patching.mode} patching (needs at least {needed})"))
         window = self.model.entropy_model.stack.window
-        _check(window is None or window <= 1 << 20, "model.entropy_model.stack.window", f"too large: {window}")
+        yield "model.entropy_model.stack.window", window is None or window <= 1 << 20, f"too large: {window}"
 
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -349,74 +410,42 @@ class RunConfig:
         return _from_dict(cls, d, "")
 
 
-def _resolve_type(tp: Any) -> Any:
-    if isinstance(tp, str):
-        tp = eval(tp, globals())  # annotations are strings under `from __future__ import annotations`
-    return tp
-
+# ---- parsing: JSON-like data and `--set key=value` -> configs ----------------------------------------------
 
 def _from_dict(cls: type, d: Any, prefix: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
+    types = _field_types(cls)
+    unknown = set(d) - set(types)
     if unknown:
-        raise ConfigError(f"{prefix + '.' if prefix else ''}{sorted(unknown)[0]}: unknown field of {cls.__name__}")
-    kwargs = {}
-    for name, value in d.items():
-        tp = _resolve_type(known[name].type)
-        kwargs[name] = _coerce(tp, value, f"{prefix}.{name}" if prefix else name)
-    return _build(cls, kwargs, prefix)
-
-
-def _build(cls: type, kwargs: dict, prefix: str) -> Any:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{min(unknown)}: unknown field of {cls.__name__}")
+    kwargs = {name: _coerce(types[name], value, f"{prefix}.{name}" if prefix else name) for name, value in d.items()}
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)
     except TypeError as e:  # missing required fields
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
-    return obj
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    """JSON values -> the annotated type where JSON cannot say it (tuples, nested dataclasses, an int for a
+    float); anything else passes through unchanged for the validator to judge."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, name)
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, name)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: must be one of {args}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return _coerce(next(a for a in args if a is not type(None)), value, name)
+    if origin is tuple and isinstance(value, (list, tuple)):
         if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]
             return tuple(_coerce(args[0], v, name) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{name}: expected {len(args)} items, got {value!r}")
-        return tuple(_coerce(a, v, name) for a, v in zip(args, value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if len(args) != len(value):
+            return tuple(value)
+        return tuple(_coerce(a, v, name) for a, v in zip(args, value, strict=True))
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
     return value
 
 
@@ -453,156 +482,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
-# ---- presets --------------------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    """`PRESETS` and `get_preset` moved to `blt_jax.presets`; these names keep older imports working."""
+    if name in ("PRESETS", "get_preset"):
+        from blt_jax import presets  # noqa: PLC0415 (presets import this module)
 
-def _entropy(dim: int, layers: int, heads: int, ffn: int, window: int = 512) -> EntropyModelConfig:
-    return EntropyModelConfig(StackConfig(dim=dim, n_layers=layers, n_heads=heads, ffn_dim=ffn,
-                                          rope_theta=10_000.0, window=window))
-
-
-def preset_tiny() -> RunConfig:
-    """Smallest useful model: unit tests on CPU (about 0.2M parameters without hash tables)."""
-    local = dict(dim=32, n_heads=2, ffn_dim=64, window=64)
-    model = BLTConfig(
-        encoder=StackConfig(n_layers=1, **local),
-        global_model=StackConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=128),
-        decoder=StackConfig(n_layers=2, **local),
-        entropy_model=_entropy(32, 1, 2, 64, window=64),
-        patching=PatchingConfig(mode="entropy", threshold=None, max_patches=40, max_patch_length=8),
-        hash_vocab=97,
-    )
-    return RunConfig(
-        name="tiny", model=model,
-        data=DataConfig(seq_len=64, batch_size=4),
-        train=TrainConfig(steps=20, learning_rate=3e-3, warmup_steps=2, log_every=5, checkpoint_every=10),
-        entropy_train=TrainConfig(steps=20, learning_rate=3e-3, warmup_steps=2, log_every=5, checkpoint_every=10),
-    )
-
-
-def preset_quickstart() -> RunConfig:
-    """The README's first command: entropy model + small BLT trained on 2 CPU cores in minutes.
-
-    Sized for XLA:CPU, where attention scores cost far more than their FLOPs: two heads per stack and
-    64-byte local windows (block-local attention) keep the score tensors small."""
-    local = dict(dim=128, n_heads=2, ffn_dim=384, window=64)
-    model = BLTConfig(
-        encoder=StackConfig(n_layers=1, **local),
-        global_model=StackConfig(dim=256, n_layers=4, n_heads=2, ffn_dim=768),
-        decoder=StackConfig(n_layers=2, **local),
-        entropy_model=_entropy(96, 2, 2, 256, window=64),
-        patching=PatchingConfig(mode="entropy", threshold=None, max_patches=160, max_patch_length=8),
-        hash_vocab=8192,
-    )
-    return RunConfig(
-        name="quickstart", model=model,
-        data=DataConfig(seq_len=512, batch_size=16),
-        train=TrainConfig(steps=260, learning_rate=3e-3, warmup_steps=20, log_every=10, checkpoint_every=100,
-                          eval_batches=12),
-        entropy_train=TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=20, log_every=10,
-                                  checkpoint_every=200, eval_batches=12),
-    )
-
-
-def _scaling_preset(name: str, local_dim: int, global_dim: int, global_layers: int, steps: int) -> RunConfig:
-    """One size of the CPU scaling ladder (experiments/scaling.py): quickstart-shaped, 256-byte windows.
-
-    `train.steps` of the entropy-patched BLT sets the size's FLOP budget; every other variant of the size
-    (byte transformer, static patches, BLT-D) trains for the same FLOPs."""
-    local = dict(dim=local_dim, n_heads=2, ffn_dim=3 * local_dim, window=64)
-    model = BLTConfig(
-        encoder=StackConfig(n_layers=1, **local),
-        global_model=StackConfig(dim=global_dim, n_layers=global_layers, n_heads=2, ffn_dim=3 * global_dim),
-        decoder=StackConfig(n_layers=2, **local),
-        entropy_model=_entropy(96, 2, 2, 256, window=64),
-        patching=PatchingConfig(mode="entropy", threshold=None, max_patches=96, max_patch_length=8),
-        hash_vocab=4096,
-    )
-    schedule = dict(learning_rate=3e-3, log_every=10, eval_batches=24, checkpoint_every=1000, keep_checkpoints=1)
-    return RunConfig(
-        name=name, model=model,
-        data=DataConfig(seq_len=256, batch_size=16),
-        train=TrainConfig(steps=steps, warmup_steps=max(1, steps // 10), **schedule),
-        entropy_train=TrainConfig(steps=300, warmup_steps=30, **schedule),
-    )
-
-
-def preset_scaling_s() -> RunConfig:
-    return _scaling_preset("scaling-s", local_dim=48, global_dim=96, global_layers=2, steps=50)
-
-
-def preset_scaling_m() -> RunConfig:
-    return _scaling_preset("scaling-m", local_dim=64, global_dim=128, global_layers=3, steps=90)
-
-
-def preset_scaling_l() -> RunConfig:
-    return _scaling_preset("scaling-l", local_dim=80, global_dim=160, global_layers=3, steps=90)
-
-
-def _blt_1b_model(global_window: Optional[int], max_patch_length: Optional[int], global_dim: int = 2048,
-                  global_heads: int = 16, global_ffn: int = 5632) -> BLTConfig:
-    local = dict(dim=1024, n_heads=16, ffn_dim=ffn_dim_for(1024), window=512)
-    return BLTConfig(
-        encoder=StackConfig(n_layers=1, **local),
-        global_model=StackConfig(dim=global_dim, n_layers=25, n_heads=global_heads, ffn_dim=global_ffn,
-                                 window=global_window),
-        decoder=StackConfig(n_layers=9, **local),
-        entropy_model=_entropy(768, 14, 12, 2048, window=512),
-        patching=PatchingConfig(mode="entropy", threshold=1.335442066192627, max_patches=2048,
-                                max_patch_length=max_patch_length),
-    )
-
-
-def preset_blt_1b() -> RunConfig:
-    """The released BLT-1B shape (facebook/blt-1b; transformers' BltConfig defaults)."""
-    return RunConfig(name="blt-1b", model=_blt_1b_model(None, None),
-                     data=DataConfig(seq_len=8192, batch_size=64),
-                     train=TrainConfig(steps=240_000, warmup_steps=2000))
-
-
-def preset_fast_blt_1b() -> RunConfig:
-    """Fast BLT paper, 1B: 1.28B global + 19M encoder + 160M decoder; windows of 512; patches <= 8 bytes."""
-    return RunConfig(name="fast-blt-1b", model=_blt_1b_model(512, 8),
-                     data=DataConfig(seq_len=8192, batch_size=256),
-                     train=TrainConfig(steps=240_000, warmup_steps=2000))
-
-
-def preset_fast_blt_3b() -> RunConfig:
-    """Fast BLT paper, 3B: 2.82B global (25 x 3072, FFN 8192) + 26M encoder + 160M decoder (a consistent guess)."""
-    return RunConfig(name="fast-blt-3b",
-                     model=_blt_1b_model(512, 8, global_dim=3072, global_heads=24, global_ffn=8192),
-                     data=DataConfig(seq_len=8192, batch_size=512),
-                     train=TrainConfig(steps=480_000, warmup_steps=4000))
-
-
-PRESETS = {
-    "tiny": preset_tiny,
-    "quickstart": preset_quickstart,
-    "scaling-s": preset_scaling_s,
-    "scaling-m": preset_scaling_m,
-    "scaling-l": preset_scaling_l,
-    "blt-1b": preset_blt_1b,
-    "fast-blt-1b": preset_fast_blt_1b,
-    "fast-blt-3b": preset_fast_blt_3b,
-}
-
-
-def _blt_d_variant(base: str, block_size: int):
-    def preset() -> RunConfig:
-        cfg = PRESETS[base]()
-        model = dataclasses.replace(cfg.model, diffusion=DiffusionConfig(block_size=block_size))
-        return dataclasses.replace(cfg, name=f"{base}-d{block_size}", model=model)
-
-    preset.__doc__ = f"{base} trained as BLT-D-{block_size} (next-byte + block-wise masked diffusion)."
-    return preset
-
-
-for _base in ("fast-blt-1b", "fast-blt-3b"):
-    for _block in (4, 8, 16):
-        PRESETS[f"{_base}-d{_block}"] = _blt_d_variant(_base, _block)
-
-
-def get_preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
-
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

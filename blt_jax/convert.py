@@ -8,22 +8,24 @@ Config values this implementation does not support are refused, naming the field
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from blt_jax import model as model_lib
-from blt_jax.config import (BLTConfig, ConfigError, DataConfig, EntropyModelConfig, PatchingConfig, RunConfig,
-                            StackConfig)
+from blt_jax.config import BLTConfig, DataConfig, EntropyModelConfig, PatchingConfig, RunConfig, StackConfig
 
 
-class UnsupportedConfig(ConfigError):
-    """A transformers config value blt_jax cannot represent exactly."""
+class UnsupportedConfig(ValueError):
+    """A transformers config value (or tensor) blt_jax cannot represent exactly; the message names it."""
 
 
 # ---- configs ----------------------------------------------------------------------------------------------
@@ -185,6 +187,30 @@ def params_to_hf(params: nnx.State, eparams: Optional[nnx.State]) -> dict[str, n
 
 # ---- folders ----------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def new_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write a folder whole or not at all: into a staging folder beside `dst` that becomes `dst` once complete.
+    An existing non-empty `dst` is refused unless `overwrite`, and then replaced only after the new one is
+    written; a failure leaves `dst` as it was and no staging folder behind."""
+    dst = Path(dst)
+    _refuse_existing(dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if dst.exists():  # two renames: the old folder stays whole until the new one takes its name
+            old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(staging, dst)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def read_hf_folder(src: str | Path) -> tuple[dict, dict]:
     from safetensors.numpy import load_file  # noqa: PLC0415
 
@@ -195,56 +221,76 @@ def read_hf_folder(src: str | Path) -> tuple[dict, dict]:
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{src}: no *.safetensors weights")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     tensors: dict = {}
     for f in files:
-        tensors.update(load_file(str(f)))
-    return json.loads(cfg_path.read_text()), tensors
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+            raise ValueError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]}); was the download "
+                             f"or copy cut short?") from None
+    return hf_cfg, tensors
 
 
-def import_hf(src: str | Path, dst: str | Path) -> BLTConfig:
-    """A transformers folder -> a blt_jax checkpoint directory usable by `blt generate` / `blt eval`."""
+def import_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> BLTConfig:
+    """A transformers folder -> a blt_jax checkpoint directory usable by `blt generate` / `blt eval`. `dst`
+    must be new or empty unless `overwrite` (then it is replaced whole)."""
     from blt_jax.train import checkpoint as ckpt  # noqa: PLC0415
 
+    _refuse_existing(dst, overwrite)
     hf_cfg, tensors = read_hf_folder(src)
     cfg = config_from_hf(hf_cfg)
     params, eparams = params_from_hf(cfg, tensors)
     seq_len = 1024  # for `blt eval` / fine-tuning; enough patch slots that no byte is ever dropped
     cfg = dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, max_patches=seq_len + 1))
     run = RunConfig(name=f"converted:{Path(src).name}", model=cfg, data=DataConfig(seq_len=seq_len, batch_size=8))
-    ckpt.write_run_meta(dst, "blt", run, converted_from=str(Path(src).absolute()))
-    ckpt.save_params(Path(dst) / "params", params)
-    if eparams is not None:
-        ckpt.save_params(Path(dst) / "entropy_model", eparams)
+    with new_folder(dst, overwrite) as out:
+        ckpt.write_run_meta(out, "blt", run, converted_from=str(Path(src).absolute()))
+        ckpt.save_params(out / "params", params)
+        if eparams is not None:
+            ckpt.save_params(out / "entropy_model", eparams)
     return run.model
 
 
-def export_hf(src: str | Path, dst: str | Path) -> None:
+def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
     """A blt_jax BLT run (latest checkpoint) -> a folder transformers loads with `from_pretrained`."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    from blt_jax.generation.model import load_run  # noqa: PLC0415
+    from blt_jax.generation import api  # noqa: PLC0415
 
-    model = load_run(src)
+    _refuse_existing(dst, overwrite)
+    model = api.load(str(src))
     hf_cfg = config_to_hf(model.cfg)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    (dst / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
-                                                            "pad_token_id": 0}, indent=2))
-    save_file(params_to_hf(model.params, model.entropy_params), str(dst / "model.safetensors"),
-              metadata={"format": "pt"})
+    with new_folder(dst, overwrite) as out:
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
+                                                                "pad_token_id": 0}, indent=2))
+        save_file(params_to_hf(model.params, model.entropy_params), str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
 
 
-
-def export_params(src: str | Path, dst: str | Path, step: Optional[int] = None) -> None:
+def export_params(src: str | Path, dst: str | Path, step: Optional[int] = None, overwrite: bool = False) -> None:
     """A BLT run -> a parameters-only run directory (no optimizer state, no data pipeline state): a third of
     the checkpoint's size, what generation and evaluation load."""
-    from blt_jax.generation.model import load_run  # noqa: PLC0415
+    from blt_jax.generation import api  # noqa: PLC0415
     from blt_jax.train import checkpoint as ckpt  # noqa: PLC0415
 
+    _refuse_existing(dst, overwrite)
     kind, run, _ = ckpt.load_run_config(src)
-    model = load_run(src, step)
-    ckpt.write_run_meta(dst, kind, run, exported_from=str(Path(src).absolute()))
-    ckpt.save_params(Path(dst) / "params", model.params)
-    if model.entropy_params is not None:
-        ckpt.save_params(Path(dst) / "entropy_model", model.entropy_params)
+    model = api.load(str(src), step)
+    with new_folder(dst, overwrite) as out:
+        ckpt.write_run_meta(out, kind, run, exported_from=str(Path(src).absolute()))
+        ckpt.save_params(out / "params", model.params)
+        if model.entropy_params is not None:
+            ckpt.save_params(out / "entropy_model", model.entropy_params)
+
+
+def _refuse_existing(dst: str | Path, overwrite: bool) -> None:
+    """An existing non-empty `dst` without `overwrite`: refused before any work is done."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it, or choose a new "
+                              f"folder")

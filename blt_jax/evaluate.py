@@ -23,6 +23,9 @@ def heldout_bpb(run_dir: str | Path, data_root: Optional[str] = None, split: str
     kind, cfg, _ = ckpt.load_run_config(run_dir)
     if data_root is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_root))
+    elif not Path(cfg.data.path).is_absolute() and "://" not in cfg.data.path and not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"{run_dir}: its data store {cfg.data.path!r} is a path relative to the directory it "
+                                f"was trained from (runs written before absolute paths); pass --store")
     task = resolve_task(kind, cfg)
     params = load_trained_params(run_dir, step=step)
     graphdef, _ = model_lib.abstract_state(task.model_cfg)

@@ -1,17 +1,19 @@
-"""Training objectives as pure functions of (model, batch, rng): next-byte cross entropy for BLT and for
-the entropy model, and BLT-D's next-byte + masked-diffusion objective. Each returns (the scalar loss to
+"""Training objectives as pure functions of (model, batch, rng, ...): next-byte cross entropy for BLT and for
+the entropy model, and BLT-D's next-byte + masked-diffusion objective, chosen by name (`training_objective`,
+`evaluation_objective`), never by whether a random key was passed. Each returns (the scalar loss to
 differentiate, statistics); the statistics always hold `nll_sum` and `bytes` (summed next-byte NLL in nats
 and bytes counted), from which bits per byte follow."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from blt_jax import diffusion
+from blt_jax.config import choices
 from blt_jax.model.blt import BLT
 from blt_jax.model.entropy_model import EntropyModel
 
@@ -43,15 +45,20 @@ def _next_byte(logits: jax.Array, ids, batch: dict) -> tuple[jax.Array, dict]:
                                             "dropped_bytes": jnp.sum(1.0 - ids.valid.astype(jnp.float32))}
 
 
-def blt_loss(model: BLT, batch: dict, rng, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
-    """Every position of the N-byte window predicts its next byte (N + 1 bytes were read).
-
-    A model whose config enables BLT-D trains `blt_d_loss` instead, given the step's `rng`; without one
-    (evaluation) the objective is next-byte alone, so held-out bits/byte mean the same for BLT and BLT-D."""
-    if rng is not None and model.cfg.diffusion.enabled:
-        return blt_d_loss(model, batch, rng, remat, dtype, max_patches)
+def next_byte_loss(model: BLT, batch: dict, rng, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
+    """Plain BLT: every position of the N-byte window predicts its next byte (N + 1 bytes were read). `rng` is
+    unused (the objectives share one signature)."""
     logits, ids = model(batch["tokens"], batch["patch_starts"], max_patches=max_patches, remat=remat, dtype=dtype)
     return _next_byte(logits, ids, batch)
+
+
+def blt_loss(model: BLT, batch: dict, rng, remat: bool, dtype, max_patches=None,
+             objective: BltObjective = "next-byte") -> tuple[jax.Array, dict]:
+    """A BLT's loss under an explicit `objective`: "next-byte" (plain BLT; every evaluation, BLT-D's too, so
+    held-out bits/byte mean the same for both) or "blt-d" (BLT-D training; needs the step's `rng`)."""
+    if objective not in BLT_OBJECTIVES:
+        raise ValueError(f"objective: must be one of {BLT_OBJECTIVES}, got {objective!r}")
+    return OBJECTIVES[objective](model, batch, rng, remat, dtype, max_patches)
 
 
 def blt_d_loss(model: BLT, batch: dict, rng: jax.Array, remat: bool, dtype, max_patches=None) -> tuple[jax.Array, dict]:
@@ -60,6 +67,8 @@ def blt_d_loss(model: BLT, batch: dict, rng: jax.Array, remat: bool, dtype, max_
     L_clean is `blt_loss`'s next-byte value (clean queries never see block cells), so `nll_sum`/`bytes`
     keep bits/byte next-byte; L_mask and its statistics come from `blt_jax.diffusion`."""
     dc = model.cfg.diffusion
+    if not dc.enabled or rng is None:
+        raise ValueError("objective 'blt-d': needs a model with model.diffusion.block_size > 0 and a random key")
     tokens = batch["tokens"]
     B, N = tokens.shape
     P = model.cfg.patching.max_patches if max_patches is None else max_patches
@@ -75,5 +84,20 @@ def blt_d_loss(model: BLT, batch: dict, rng: jax.Array, remat: bool, dtype, max_
     return clean_loss + dc.weight * mask_loss, {**stats, **mask_stats}
 
 
-# kind -> objective; kind "blt" trains BLT-D when `model.diffusion.block_size` > 0 (see `blt_loss`)
-LOSSES: dict[str, Any] = {"entropy": entropy_model_loss, "blt": blt_loss}
+Objective = Literal["entropy", "next-byte", "blt-d"]
+BltObjective = Literal["next-byte", "blt-d"]
+BLT_OBJECTIVES = choices(BltObjective)
+OBJECTIVES: dict[str, Any] = {"entropy": entropy_model_loss, "next-byte": next_byte_loss, "blt-d": blt_d_loss}
+
+
+def training_objective(kind: str, model_cfg) -> Objective:
+    """What a run of `kind` trains: the entropy model its next-byte loss; a BLT next-byte prediction, plus
+    block diffusion when its config enables BLT-D (`model.diffusion.block_size` > 0)."""
+    if kind == "entropy":
+        return "entropy"
+    return "blt-d" if model_cfg.diffusion.enabled else "next-byte"
+
+
+def evaluation_objective(kind: str) -> Objective:
+    """Held-out evaluation scores next-byte prediction alone, for BLT and BLT-D alike."""
+    return "entropy" if kind == "entropy" else "next-byte"

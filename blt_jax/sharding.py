@@ -32,7 +32,8 @@ def _fill(shape: Sequence[int], total: int, name: str) -> tuple[int, ...]:
     known = math.prod(n for n in shape if n != -1)
     if -1 in shape:
         if total % known:
-            raise ConfigError(f"{name}: {list(shape)} cannot tile {total} devices ({total} is not a multiple of {known})")
+            raise ConfigError(
+                f"{name}: {list(shape)} cannot tile {total} devices ({total} is not a multiple of {known})")
         shape = tuple(total // known if n == -1 else n for n in shape)
     if math.prod(shape) != total:
         raise ConfigError(f"{name}: {list(shape)} holds {math.prod(shape)} devices, but there are {total}")
@@ -91,7 +92,7 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: 
         raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
     used: set[str] = set()
     parts = []
-    for dim, name in zip(shape, names):
+    for dim, name in zip(shape, names, strict=True):
         if name is None:
             parts.append(None)
             continue
@@ -135,7 +136,8 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     targets = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
     if len(leaves) != len(targets):
         raise ValueError(f"{len(targets)} shardings for {len(leaves)} arrays")
-    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, targets)])
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, targets, strict=True)])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -183,7 +185,7 @@ def sharding_report(abstract_params: Any, shardings: Any, min_bytes: int) -> Sha
     total = per_device = 0
     replicated_large = []
     devices = 1
-    for (path, leaf), sharding in zip(leaves, shard_leaves):
+    for (path, leaf), sharding in zip(leaves, shard_leaves, strict=True):
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         shard = sharding.shard_shape(leaf.shape)
         total += nbytes

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from blt_jax import cli
 from blt_jax.cli import main
 from blt_jax.data import store
 from blt_jax.evaluate import heldout_bpb
@@ -76,3 +77,36 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "blt_jax", "--help"], capture_output=True, text=True, check=True)
     for sub in ("quickstart", "prepare", "train", "eval", "generate", "params"):
         assert sub in out.stdout
+
+
+def _options(command: str, group: str | None = None) -> dict:
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[command]  # noqa: SLF001
+    groups = [g for g in sub._action_groups if group is None or g.title == group]  # noqa: SLF001
+    return {a.option_strings[-1]: a for g in groups for a in g._group_actions if a.option_strings}  # noqa: SLF001
+
+
+def test_generate_and_eval_share_one_generation_option_group():
+    """Declared once, so `blt eval` takes every generation option `blt generate` does (it lacked --unmask,
+    --alpha, --gamma and --no-eos-stop), with the same defaults and choices."""
+    gen, ev = _options("generate", "generation"), _options("eval", "generation")
+    assert {"--unmask", "--alpha", "--gamma", "--no-eos-stop", "--method", "--top-p"} <= set(gen)
+    assert {k: (a.default, a.type, list(a.choices or ())) for k, a in gen.items()} == \
+        {k: (a.default, a.type, list(a.choices or ())) for k, a in ev.items()}
+    args = cli.build_parser().parse_args(["eval", "--checkpoint", "run", "--task", "continuation", "--unmask",
+                                          "entropy", "--gamma", "2.5", "--no-eos-stop", "--method", "d"])
+    kwargs = cli._generation_kwargs(args)  # noqa: SLF001
+    assert kwargs["unmask"] == api.UnmaskConfig(rule="entropy", alpha=0.7, gamma=2.5)
+    assert kwargs["stop_at_eos"] is False and kwargs["method"] == "d"
+
+
+def test_choices_come_from_the_code_that_defines_them():
+    import typing  # noqa: PLC0415
+
+    from blt_jax.presets import PRESETS  # noqa: PLC0415
+    from blt_jax.train.loop import KINDS  # noqa: PLC0415
+
+    gen = _options("generate")
+    assert list(gen["--method"].choices) == list(api.METHODS)
+    assert list(gen["--unmask"].choices) == list(typing.get_args(typing.get_type_hints(api.UnmaskConfig)["rule"]))
+    assert list(_options("train")["--what"].choices) == list(KINDS)
+    assert list(_options("train")["--preset"].choices) == sorted(PRESETS)

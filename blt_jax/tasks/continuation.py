@@ -51,11 +51,11 @@ def score(outputs: Sequence[bytes], references: Sequence[bytes]) -> dict:
         raise ValueError(f"{len(outputs)} outputs for {len(references)} references")
     if not references:
         raise ValueError("score: no outputs given")
-    prefixes = [matched_prefix(o, r) for o, r in zip(outputs, references)]
-    hyps = [o[:len(r)].decode("utf-8", "replace") for o, r in zip(outputs, references)]
+    prefixes = [matched_prefix(o, r) for o, r in zip(outputs, references, strict=True)]
+    hyps = [o[:len(r)].decode("utf-8", "replace") for o, r in zip(outputs, references, strict=True)]
     refs = [r.decode("utf-8", "replace") for r in references]
     return {"items": len(references),
-            "exact_match": float(np.mean([p == len(r) for p, r in zip(prefixes, references)])),
+            "exact_match": float(np.mean([p == len(r) for p, r in zip(prefixes, references, strict=True)])),
             "mean_prefix_bytes": float(np.mean(prefixes)),
             "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
 

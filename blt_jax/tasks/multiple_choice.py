@@ -54,7 +54,7 @@ def accuracy_from_scores(items: Sequence[MCItem], scores: Sequence[np.ndarray]) 
     """Accuracy by total log-probability and by log-probability per byte (ties: the first choice)."""
     total_ok = per_byte_ok = 0
     preds = []
-    for it, s in zip(items, scores):
+    for it, s in zip(items, scores, strict=True):
         lengths = np.array([len(c) for c in it.choices], np.float64)
         p_total, p_byte = int(np.argmax(s)), int(np.argmax(s / lengths))
         total_ok += p_total == it.answer

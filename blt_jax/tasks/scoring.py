@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax.generation.model import LoadedModel, ModelSpec, forward
+from blt_jax.generation.forward import forward
+
+from blt_jax.generation.loaded import LoadedModel, ModelSpec
 from blt_jax.tokenizer import BOE_ID, BOS_ID, OFFSET
 
 MIN_BUCKET = 64
@@ -40,9 +42,9 @@ def bucket_length(n: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _logprobs(spec: ModelSpec, pytrees: dict, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+def _logprobs(spec: ModelSpec, params: dict, inputs: jax.Array, targets: jax.Array) -> jax.Array:
     """inputs (B, S) = BOS + bytes[:-1] (right-padded), targets (B, S) = bytes (ids) -> log2 p(targets) (B, S)."""
-    logits, _ = forward(spec, pytrees, inputs)
+    logits, _ = forward(spec, params, inputs)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return picked / jnp.log(2.0)
@@ -67,7 +69,7 @@ def byte_logprobs(model: LoadedModel, texts: Sequence[bytes | str], batch_size: 
     by_bucket: dict[int, list[int]] = {}
     for i, d in enumerate(data):
         by_bucket.setdefault(bucket_length(len(d)), []).append(i)
-    pytrees = model.pytrees()
+    params = model.all_params()
     for S, idx in sorted(by_bucket.items()):
         for start in range(0, len(idx), batch_size):
             rows = idx[start:start + batch_size]
@@ -78,7 +80,7 @@ def byte_logprobs(model: LoadedModel, texts: Sequence[bytes | str], batch_size: 
                 ids = np.frombuffer(data[i], np.uint8).astype(np.int32) + OFFSET
                 inputs[r, 1:len(ids)] = ids[:-1]
                 targets[r, :len(ids)] = ids
-            lp = np.asarray(_logprobs(model.spec, pytrees, jnp.asarray(inputs), jnp.asarray(targets)))
+            lp = np.asarray(_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets)))
             for r, i in enumerate(rows):
                 out[i] = lp[r, :len(data[i])].astype(np.float64)
     return out  # type: ignore[return-value]
@@ -97,7 +99,7 @@ def continuation_logprob(model: LoadedModel, pairs: Sequence[tuple[bytes | str, 
         texts.append(_as_bytes(ctx, i) + c)
         sizes.append(len(c))
     lps = byte_logprobs(model, texts, batch_size=batch_size, max_bytes=max_bytes)
-    return np.array([lp[len(lp) - n:].sum() for lp, n in zip(lps, sizes)], np.float64)
+    return np.array([lp[len(lp) - n:].sum() for lp, n in zip(lps, sizes, strict=True)], np.float64)
 
 
 def _read_sources(paths_or_texts: Iterable) -> list[tuple[str, bytes]]:

@@ -2,8 +2,8 @@
 msgids paired with their translations, a few-shot prompt, BLEU and chrF by sacrebleu.
 
 The catalogs are whatever the installed packages ship, so the pairs differ between machines; they are
-deterministic for a given machine, language and seed. No catalogs -> `NoCatalogs`, which callers report
-as "skipped: ..."."""
+deterministic for a given machine, language and seed. No catalogs -> `NoCatalogs` (a FileNotFoundError:
+`blt eval` reports it as an error; experiments may skip the task and say so)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ _PLACEHOLDER = re.compile(r"%(\([^)]*\))?[-+ #0-9.*lhqjzt]*[a-zA-Z%]|\{[^}]*\}|\
 _MNEMONIC = re.compile(r"(?<![\w_])_\w|&\w")
 
 
-class NoCatalogs(RuntimeError):
-    """No usable gettext catalogs for the requested language on this machine."""
+class NoCatalogs(FileNotFoundError):
+    """No usable gettext catalogs for the requested language on this machine (the evaluation cannot run)."""
 
 
 def language_name(lang: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -12,14 +13,20 @@ import numpy as np
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    """Appends rows to `metrics.jsonl` (and TensorBoard). `keep_through_step`: a resumed run first cuts the log
+    back to the restored step, so the steps it replays appear once (a torn last line from a kill goes too)."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, keep_through_step: Optional[int] = None):
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        path = Path(run_dir) / "metrics.jsonl"
+        if keep_through_step is not None and path.exists():
+            _truncate_log(path, keep_through_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415  (optional heavy import)
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
@@ -41,9 +48,28 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _rows(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            continue
+    return rows
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    text = path.read_text()
+    kept = [line for line, row in ((line, _rows(line)) for line in text.splitlines())
+            if row and row[0].get("step", 0) <= last_step]
+    if len(kept) != len(text.splitlines()):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
 def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if split is None or r.get("split") == split]
+    return [r for r in _rows(path.read_text()) if split is None or r.get("split") == split]

@@ -14,7 +14,7 @@ from flax import nnx
 from blt_jax import model as model_lib, sharding
 from blt_jax.config import BLTConfig, ConfigError, EntropyModelConfig, TrainConfig
 from blt_jax.model.layers import cast_floating
-from blt_jax.objectives import LN2, LOSSES
+from blt_jax.objectives import LN2, OBJECTIVES, evaluation_objective, training_objective
 
 
 @flax.struct.dataclass
@@ -110,24 +110,26 @@ class StepFns:
 
 def make_step_fns(kind: str, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig,
                   eval_max_patches: Optional[int] = None, placement: Optional[Placement] = None) -> StepFns:
-    """`eval_max_patches`: patch slots for evaluation (enough for every byte, so held-out bytes are never
-    dropped by truncation). With a `placement`, the steps take and return the state in its shardings and
-    batches split over the batch axes; call them under `jax.set_mesh(placement.mesh)`."""
-    loss_impl = LOSSES[kind]
+    """`kind` ("entropy" or "blt") and the model's config choose the objectives (`objectives.training_objective`:
+    BLT-D when the config enables it; evaluation is next-byte alone). `eval_max_patches`: patch slots for
+    evaluation (enough for every byte, so held-out bytes are never dropped by truncation). With a `placement`,
+    the steps take and return the state in its shardings and batches split over the batch axes; call them
+    under `jax.set_mesh(placement.mesh)`."""
     dtype = jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32
 
     base_key = jax.random.key(tc.seed)
 
     rules = placement.rules if placement is not None else None
 
-    def loss_fn(params, batch, rng, remat, max_patches=None):
+    def loss_fn(params, batch, rng, remat, training: bool, max_patches=None):
         model = nnx.merge(graphdef, cast_floating(params, dtype) if dtype != jnp.float32 else params)
+        objective = training_objective(kind, model.cfg) if training else evaluation_objective(kind)
         with sharding.activation_rules(rules):
-            return loss_impl(model, batch, rng, remat, dtype, max_patches)
+            return OBJECTIVES[objective](model, batch, rng, remat, dtype, max_patches)
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(base_key, state.step)  # per-step randomness (BLT-D corruption): resumable
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, tc.remat)
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, tc.remat, True)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         next_byte = stats["nll_sum"] / jnp.maximum(stats["bytes"], 1.0)
@@ -136,7 +138,7 @@ def make_step_fns(kind: str, graphdef: nnx.GraphDef, tx: optax.GradientTransform
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params, batch):
-        _, stats = loss_fn(params, batch, None, False, eval_max_patches)  # no rng: next-byte only (BLT-D too)
+        _, stats = loss_fn(params, batch, None, False, False, eval_max_patches)
         return stats
 
     if placement is None:
