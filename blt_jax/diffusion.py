@@ -1,4 +1,4 @@
-"""BLT-D training (Fast BLT §3.2; `paper-digest.md` §1.3): the block layout, its corruption, the decoder pass
+"""BLT-D training (Fast BLT §3.2; docs/fast-blt.md §1): the block layout, its corruption, the decoder pass
 over [clean bytes ; blocks] and the masked-diffusion loss term, plus an inference-layout evaluator that
 decodes every block the way generation does, to catch label leaks. Pure functions with static shapes.
 
@@ -7,7 +7,7 @@ s_i .. s_i + B - 1 (s_i: the patch's first byte), whose targets are the clean by
 window, past the last kept patch, or of patch slots that don't exist are [PAD] (no target). Cells of the
 block of patch i cross-attend latent i - 1, the last one the global model built from bytes < s_i.
 
-Decisions the paper leaves open (`paper-digest.md` §1.14):
+Decisions the paper leaves open (docs/fast-blt.md §4):
 - A cell enters the decoder as the local encoder's byte embedding (`local_encoder.embed_tokens`) of its
   token ([MASK], the visible byte, or [PAD]): no hash n-grams and no encoder layers, because the encoder and
   the global model see only the clean window. Generation embeds its [MASK]/committed cells the same way.
@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from blt_jax.model.blt import BLT, WindowContext
-from blt_jax.model.block_attention import BlockDiffusionMask
-from blt_jax.model.layers import causal_mask
+from blt_jax.model.attention import BlockDiffusionMask, causal_mask
 from blt_jax.tokenizer import BLOCK_PAD_ID, BOE_ID, MASK_ID
 
 Array = jax.Array

@@ -3,7 +3,7 @@
 One implementation serves the host (NumPy, in the data pipeline) and the device (jax.numpy, inside jit):
 every function takes `xp`-agnostic arrays and dispatches on their type.
 
-Conventions (the reference code's, see `paper-digest.md` §3.5 and `hf-blt.md` §2.5):
+Conventions (the reference code's; docs/transformers.md §4, and docs/engine.md §4 for the incremental form):
 - `starts` has shape (B, S + 1): `starts[:, t]` says whether byte t starts a patch; index S is the virtual
   next byte ("include_next_token"), so a sequence whose last byte closes a patch ends with a zero-length
   patch. Position 0 (BOS) is a patch of its own and position 1 always starts a patch.
@@ -18,7 +18,7 @@ Conventions (the reference code's, see `paper-digest.md` §3.5 and `hf-blt.md` �
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +104,70 @@ def start_flags(cfg: PatchingConfig, tokens, entropies=None, threshold: Optional
     return starts
 
 
+class PatchCarry(NamedTuple):
+    """What the patching rules remember about a sequence's past beyond its last two bytes, per row; the
+    generation engine keeps it for every position, so a shorter prefix (a rollback) finds its own."""
+
+    last_natural: jax.Array  # (B,) the newest start the rule itself made at or before the last byte
+    last_bos: jax.Array  # (B,) the newest BOS at or before the last byte (static patching's grid restarts after it)
+
+    @classmethod
+    def initial(cls, batch: int) -> "PatchCarry":
+        zeros = jnp.zeros((batch,), jnp.int32)
+        return cls(zeros, zeros)
+
+
+def chunk_start_flags(cfg: PatchingConfig, threshold: Optional[float], prev_tokens, prev_entropies, tokens,
+                      entropies, start, n, carry: PatchCarry):
+    """`start_flags` incrementally, for generation: the flags of positions start .. start + T (B, T + 1) after
+    a chunk `tokens` (B, T) at per-row positions `start` (B,), of which the first `n` (B,) bytes are real.
+
+    Every rule reads at most the two bytes (and entropies) before a position, plus `carry` (the state at
+    byte start - 1): `prev_tokens` / `prev_entropies` (B, 2) hold positions start - 2 and start - 1 (anything
+    before the sequence start is never read). The flag at start + n is the "virtual next byte" of the row.
+    Returns (starts (B, T + 1), the carry after each chunk byte (PatchCarry of (B, T) arrays)). Equal to
+    `start_flags` over the whole sequence (tested), never reading more than the chunk."""
+    B, T = tokens.shape
+    t = start[:, None] + jnp.arange(T + 1)[None, :]
+    tok = jnp.concatenate([prev_tokens, tokens], axis=1)  # tok[:, j] is the byte at start - 2 + j
+    H = jnp.concatenate([prev_entropies, entropies], axis=1).astype(jnp.float32)
+    tok_1, tok_2 = tok[:, 1:], tok[:, :-1]  # the bytes at t - 1 and t - 2
+    H_1, H_2 = H[:, 1:], H[:, :-1]
+    real = jnp.arange(T)[None, :] < n[:, None]
+    bos_here = jnp.concatenate([(tokens == BOS_ID) & real, jnp.zeros((B, 1), bool)], axis=1)  # byte t is BOS
+    bos_pos = jax.lax.cummax(jnp.where(bos_here, t, -1), axis=1)  # newest BOS at or before t, from the chunk
+    last_bos = jnp.maximum(carry.last_bos[:, None], bos_pos)  # (B, T + 1)
+
+    if cfg.mode == "byte":
+        natural = jnp.ones((B, T + 1), bool)
+    elif cfg.mode == "static":
+        anchor = jnp.concatenate([carry.last_bos[:, None], last_bos[:, :-1]], axis=1)  # newest BOS before t
+        natural = (t == 0) | ((t >= 1) & ((t - anchor - 1) % cfg.patch_size == 0))
+    elif cfg.mode == "space":
+        end = (space_like(tok_1) & ~space_like(tok_2)) | (tok_1 < OFFSET)
+        natural = end
+    elif cfg.mode == "entropy":
+        thr = cfg.threshold if threshold is None else threshold
+        if thr is None:
+            raise ConfigError("model.patching.threshold: entropy patching needs a threshold")
+        if cfg.rule == "global":
+            natural = H_1 > thr
+        elif cfg.rule == "monotonic":
+            natural = ((H_1 - H_2) > thr) | (t == 2)
+        else:
+            natural = (((H_1 - H_2) > cfg.threshold_add) & (H_1 > thr) & (t >= 4)) | (t == 2)
+    else:
+        raise ConfigError(f"model.patching.mode: unknown mode {cfg.mode!r}")
+    natural = natural | (t <= 1)
+    if cfg.mode != "byte" and cfg.document_starts:
+        natural = natural | bos_here | (tok_1 == BOS_ID) & (t >= 1)
+    last_natural = jnp.maximum(carry.last_natural[:, None], jax.lax.cummax(jnp.where(natural, t, -1), axis=1))
+    starts = natural
+    if cfg.max_patch_length is not None:
+        starts = starts | ((t - last_natural) % cfg.max_patch_length == 0)
+    return starts, PatchCarry(last_natural[:, :T], last_bos[:, :T])
+
+
 @dataclass(frozen=True)
 class PatchIds:
     """Per-byte patch bookkeeping derived from start flags, padded to `max_patches` slots.
@@ -155,7 +219,8 @@ def starts_from_lengths(lengths, seq_len: int):
         seen_zero = False
         for p, n in enumerate(lengths[b]):
             if n < 0 or (seen_zero and n > 0):
-                raise ValueError(f"patch lengths row {b}: zero-length patches may only trail, got {lengths[b].tolist()}")
+                raise ValueError(
+                    f"patch lengths row {b}: zero-length patches may only trail, got {lengths[b].tolist()}")
             if n == 0:
                 if not seen_zero and pos == seq_len and p > 0:
                     starts[b, pos] = True  # the trailing empty patch the include_next_token rule creates

@@ -13,11 +13,11 @@ from flax import nnx
 from blt_jax import diffusion, prepare
 from blt_jax.cli import main
 from blt_jax.data import pipeline
-from blt_jax.generation import api, engine
-from blt_jax.generation.model import from_params
+from blt_jax.generation import api, samplers
+from blt_jax.generation.prompts import prepare_prompts
+from blt_jax.generation.loaded import from_params
 from blt_jax.model import build
-from blt_jax.model.block_attention import BlockDiffusionMask
-from blt_jax.model.layers import _dense_attention, attention
+from blt_jax.model.attention import BlockDiffusionMask, attention, dense_attention
 from blt_jax.objectives import blt_d_loss, blt_loss
 from blt_jax.patching import patch_ids, start_flags
 from blt_jax.tokenizer import BLOCK_PAD_ID, BOS_ID, MASK_ID
@@ -29,7 +29,8 @@ P = 40  # the tiny preset's patch slots
 
 
 def worked_example(block_size=4, max_patches=5):
-    """`paper-digest.md` §1.3.7: bytes 0..9, patches {0}, {1,2,3}, {4,5}, {6,7,8,9} (+ the trailing empty one)."""
+    """docs/fast-blt.md §1's worked example: bytes 0..9, patches {0}, {1,2,3}, {4,5}, {6,7,8,9} (+ the trailing
+    empty one)."""
     tokens = jnp.asarray([[BOS_ID] + list(range(100, 109))])
     starts = np.zeros((1, 11), bool)
     starts[0, [0, 1, 4, 6, 10]] = True
@@ -85,7 +86,7 @@ def test_block_attention_equals_dense_masked_attention(window, N, with_segments,
     q = jax.random.normal(kq, (B, T, H, D))
     k, v = jax.random.normal(kk, (B, T, kv_heads, D)), jax.random.normal(kv, (B, T, kv_heads, D))
     fast, dense, reference = jax.jit(lambda q, k, v, m: (attention(q, k, v, m), m.dense(N),
-                                                          _dense_attention(q, k, v, m.dense(N))))(q, k, v, mask)
+                                                          dense_attention(q, k, v, m.dense(N))))(q, k, v, mask)
     np.testing.assert_allclose(fast, reference, atol=2e-6)
 
     # the reference mask itself, rule by rule
@@ -131,7 +132,8 @@ def random_blt_d(tmp_path_factory):
 
 def _layout_and_cells(model, batch, t=0.5, seed=3):
     ctx = model.context(batch["tokens"], batch["patch_starts"], P)
-    lay = diffusion.block_layout(batch["tokens"], batch["patch_starts"], ctx.ids.valid, model.cfg.diffusion.block_size, P)
+    lay = diffusion.block_layout(batch["tokens"], batch["patch_starts"], ctx.ids.valid,
+                                 model.cfg.diffusion.block_size, P)
     cells, masked = diffusion.corrupt(lay, jax.random.key(seed), jnp.full((batch["tokens"].shape[0],), t))
     return ctx, lay, cells, masked
 
@@ -183,7 +185,7 @@ def test_masked_cell_gets_no_gradient_from_its_clean_copy_or_later_bytes(random_
         return jax.jacrev(cell_losses)(ctx.h[row]), lay.starts, masked  # (cells, N, D)
 
     jac, starts, masked = map(np.asarray, jacobian(params))
-    for (j, c), g in zip(chosen, jac):
+    for (j, c), g in zip(chosen, jac, strict=True):
         s = int(starts[row, j])
         assert masked[row, j, c] and s + c < N
         norms = np.abs(g).sum(-1)
@@ -205,7 +207,7 @@ def test_masked_loss_is_the_weighted_masked_cross_entropy():
     logp = np.asarray(jax.nn.log_softmax(logits))
     targets, m = np.asarray(lay.targets), np.asarray(masked)
     want = correct = 0.0
-    for e, j, c in zip(*np.nonzero(m)):
+    for e, j, c in zip(*np.nonzero(m), strict=True):
         want += -logp[e, j, c, targets[e, j, c]] / float(t[e])
         correct += float(np.argmax(logp[e, j, c]) == targets[e, j, c])
     live, n_masked = int(lay.live.sum()), int(masked.sum())
@@ -214,7 +216,8 @@ def test_masked_loss_is_the_weighted_masked_cross_entropy():
     np.testing.assert_allclose(float(stats["log_masked_accuracy"]), correct / n_masked)
     np.testing.assert_allclose(float(stats["log_mask_rate"]), n_masked / live)
     garbage = jnp.where(lay.live[..., None], logits, 1e4 * jnp.arange(260.0))  # [PAD] cells never count
-    np.testing.assert_allclose(float(diffusion.masked_diffusion_loss(garbage, lay, masked, t)[0]), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(float(diffusion.masked_diffusion_loss(garbage, lay, masked, t)[0]), float(loss),
+                               rtol=1e-6)
 
 
 def test_blt_d_loss_is_next_byte_plus_weighted_masked_loss(random_blt_d):
@@ -227,11 +230,11 @@ def test_blt_d_loss_is_next_byte_plus_weighted_masked_loss(random_blt_d):
         plain = nnx.merge(plain_graphdef, params)
         blt_d = nnx.merge(graphdef, params)
         return (blt_loss(plain, batch, rng, False, jnp.float32), blt_loss(plain, batch, None, False, jnp.float32),
-                blt_loss(blt_d, batch, rng, False, jnp.float32), blt_d_loss(blt_d, batch, rng, False, jnp.float32),
-                blt_loss(blt_d, batch, None, False, jnp.float32))
+                blt_loss(blt_d, batch, rng, False, jnp.float32, objective="blt-d"),
+                blt_d_loss(blt_d, batch, rng, False, jnp.float32), blt_loss(blt_d, batch, None, False, jnp.float32))
 
     (p_rng, p_stats), (p_none, _), (d_loss, d_stats), (direct, _), (d_eval, d_eval_stats) = losses(params)
-    assert float(p_rng) == float(p_none) == float(d_eval)  # block_size 0, or no rng (evaluation): next-byte
+    assert float(p_rng) == float(p_none) == float(d_eval)  # the default objective is next-byte, rng or not
     assert float(direct) == float(d_loss)
     clean = d_stats["nll_sum"] / d_stats["bytes"]
     np.testing.assert_allclose(float(clean), float(p_rng), rtol=1e-5)  # L_clean is plain BLT's loss
@@ -243,7 +246,9 @@ def test_blt_d_loss_is_next_byte_plus_weighted_masked_loss(random_blt_d):
 
 def test_generation_block_pass_equals_the_training_layout():
     """The engine's first decoder pass over B [MASK] cells after a prompt that ends at a patch boundary gives
-    the training layout's logits for that patch's block: BLT-D generates in the layout it was trained in."""
+    the training layout's logits for that patch's block: BLT-D generates in the layout it was trained in.
+    The prompt goes through generation's real prefill, padded into its length bucket (the block must sit right
+    after the prompt and never see the padding)."""
     cfg = tiny_config("unused", 'model.patching.mode="static"', "model.diffusion.block_size=4").model
     _, params = build(cfg, seed=1)
     loaded = from_params(cfg, params)
@@ -261,15 +266,18 @@ def test_generation_block_pass_equals_the_training_layout():
         return diffusion.decode_blocks(model, ctx, lay, cells)[:, N:].reshape(cells.shape + (-1,)), lay.starts
 
     want, block_starts = training_layout(params)
-    extend = jax.jit(lambda p, st, chunk, n: engine.extend(loaded.spec, p, st, chunk, n, provisional=True,
-                                                         block=jnp.full((1, Bk), MASK_ID, jnp.int32))[2])
+    mc = samplers.MethodConfig("d", block_size=Bk)
     checked = 0
     for j, s in enumerate(np.asarray(block_starts[0])):
-        if s + Bk > N or j % 3:
+        if s + Bk > N or s < 2 or j % 3:
             continue
-        st = engine.init_state(loaded.spec, 1, 64)
-        got = extend(loaded.pytrees(), st, tokens[:, :s], jnp.asarray([s], jnp.int32))
-        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0, j]), atol=1e-4, err_msg=f"block {j}")
+        batch = prepare_prompts([bytes((np.asarray(tokens[0, 1:s]) - 4).tolist())], 8, extra_positions=mc.lookahead)
+        assert batch.prompt_len > s  # padded: the bug this guards read the padding's keys
+        carry = samplers.prefill(loaded.spec, mc, loaded.all_params(), jnp.asarray(batch.tokens),
+                                 jnp.asarray(batch.lengths), jnp.asarray([8]), jnp.zeros((1, 2), jnp.uint32), None,
+                                 prompt_len=batch.prompt_len)
+        np.testing.assert_allclose(np.asarray(carry.block_logits[0]), np.asarray(want[0, j]), atol=1e-4,
+                                   err_msg=f"block {j}")
         checked += 1
     assert checked >= 3
 
@@ -302,7 +310,7 @@ def _masked_accuracies(cfg, run_dir, root):
                 diffusion.masked_accuracy(inference, lay, masked)[0], masked.sum(), hist)
 
     totals = [sum(x) for x in zip(*(counts(params, pipeline_batch) for pipeline_batch in
-                                    ({k: jnp.asarray(v) for k, v in b.items()} for b in batches)))]
+                                    ({k: jnp.asarray(v) for k, v in b.items()} for b in batches)), strict=True)]
     n = float(totals[2])
     return float(totals[0]) / n, float(totals[1]) / n, float(jnp.max(totals[3])) / n
 
@@ -330,9 +338,10 @@ PATTERN_SETS = ["data.batch_size=16", "train.steps=200", "train.warmup_steps=5",
 @pytest.fixture(scope="module")
 def patterned_blt_d(tmp_path_factory):
     """A tiny BLT-D-8 trained by `blt train --objective blt-d` on text a tiny model learns in a few dozen
-    steps (a spaced alphabet, line after line; 200 steps, about a minute): (config, data root, run directory). Static 4-byte patches put
-    every generated 8-byte block on a patch boundary, where training puts blocks (the paper's Algorithm 1 treats
-    the prefix end as a boundary even where the entropy rule would not: `paper-digest.md` §1.4)."""
+    steps (a spaced alphabet, line after line; 200 steps, about a minute): (config, data root, run directory).
+    Static 4-byte patches put every generated 8-byte block on a patch boundary, where training puts blocks
+    (the paper's Algorithm 1 treats the prefix end as a boundary even where the entropy rule would not:
+    docs/fast-blt.md §2, "BLT-D")."""
     base = tmp_path_factory.mktemp("patterned")
     corpus = base / "corpus"
     corpus.mkdir()
@@ -353,7 +362,8 @@ def test_trained_blt_d_fills_blocks_in_fewer_passes_than_bytes(patterned_blt_d):
     prompts = [PATTERN * 2 + PATTERN[:k] for k in (4, 12, 20, 32)]  # 4m bytes: blocks start on boundaries
     want = [(PATTERN * 4)[len(p) - 2 * len(PATTERN):][:32] for p in prompts]
     d = api.generate(model, prompts, max_new_bytes=32, method="d", stop_at_eos=False)
-    correct = sum(a == b for r, w in zip(d, want) for a, b in zip(r.text, w)) / (32 * len(prompts))
+    correct = sum(a == b for r, w in zip(d, want, strict=True)
+                  for a, b in zip(r.text, w, strict=False)) / (32 * len(prompts))
     calls = sum(r.cost["decoder_calls"] for r in d)
     print(f"BLT-D-8: {correct:.0%} of bytes continue the pattern, {calls / (32 * len(prompts)):.2f} decoder calls/byte")
     assert correct > 0.75 and calls < 32 * len(prompts) / 2  # measured: 88%, 0.25 calls/byte

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from blt_jax.generation import api
-from blt_jax.generation.model import forward
+from blt_jax.generation.forward import forward
 from blt_jax.generation.nocache import generate_nocache
 from blt_jax.generation.prompts import PromptError, prepare_prompts
 from blt_jax.generation.sampling import SamplingConfig, restrict
@@ -29,7 +29,7 @@ def manual_greedy(model, prompt: str, n: int) -> bytes:
     for _ in range(n):
         buf = np.zeros((1, 64), np.int32)
         buf[0, : len(ids)] = ids
-        logits = restrict(fwd(model.pytrees(), jnp.asarray(buf))[len(ids) - 1][None], SamplingConfig())
+        logits = restrict(fwd(model.all_params(), jnp.asarray(buf))[len(ids) - 1][None], SamplingConfig())
         nxt = int(jnp.argmax(logits[0]))
         ids.append(nxt)
         if nxt == EOS_ID:
@@ -39,19 +39,19 @@ def manual_greedy(model, prompt: str, n: int) -> bytes:
 
 def test_batched_padded_greedy_equals_step_by_step_loop(model):
     results = api.generate(model, PROMPTS, max_new_bytes=12)
-    for prompt, r in zip(PROMPTS, results):
+    for prompt, r in zip(PROMPTS, results, strict=True):
         assert r.new_bytes == manual_greedy(model, prompt, 12), prompt
         # cached AR: the prompt's prefill pass, then one pass per committed byte (the last one leaves the
         # next byte's logits ready, so a stream can go on without recomputing)
         assert r.cost["decoder_calls"] == r.cost["new_bytes"] + 1 and r.cost["new_bytes"] >= len(r.new_bytes)
     nocache = api.generate(model, PROMPTS, max_new_bytes=12, method="ar-nocache")
-    for r, n in zip(results, nocache):
+    for r, n in zip(results, nocache, strict=True):
         assert n.new_bytes == r.new_bytes and n.cost["decoder_calls"] == n.cost["new_bytes"]  # one full pass per byte
 
 
 def test_rows_do_not_depend_on_their_batch(model):
     together = api.generate(model, PROMPTS, max_new_bytes=10)
-    for prompt, r in zip(PROMPTS, together):
+    for prompt, r in zip(PROMPTS, together, strict=True):
         alone = api.generate(model, [prompt], max_new_bytes=10)[0]
         assert alone.new_bytes == r.new_bytes
 
@@ -68,9 +68,9 @@ def test_sampling_is_reproducible_per_seed_and_row(model):
 def test_length_limits_and_eos(model):
     batch = prepare_prompts(["abc", "a much longer prompt"], max_new_bytes=5)
     max_new = jnp.asarray([5, 2])
-    rngs = jnp.zeros((2, 2), jnp.uint32)
-    out = generate_nocache(model.spec, SamplingConfig(), model.pytrees(), jnp.asarray(batch.tokens),
-                           jnp.asarray(batch.lengths), max_new, rngs, stop_at_eos=False)
+    row_keys = jnp.zeros((2, 2), jnp.uint32)
+    out = generate_nocache(model.spec, model.all_params(), jnp.asarray(batch.tokens), jnp.asarray(batch.lengths),
+                           max_new, row_keys, None, stop_at_eos=False)
     np.testing.assert_array_equal(np.asarray(out.lengths - batch.lengths), [5, 2])
     np.testing.assert_array_equal(np.asarray(out.forward_calls), [5, 2])
     # padding past each row's end is untouched

@@ -11,7 +11,7 @@ import hf_models
 from blt_jax import convert
 from blt_jax.cli import main
 from blt_jax.generation import api
-from blt_jax.generation.model import compute_patch_starts, forward
+from blt_jax.generation.forward import compute_patch_starts, forward
 from blt_jax.generation.sampling import SamplingConfig
 from blt_jax.patching import patch_ids, patch_lengths
 
@@ -44,10 +44,10 @@ def converted(request, tmp_path_factory):
 def ours_forward(model, ids):
     tokens = jnp.asarray(ids, jnp.int32)
     fn = jax.jit(lambda p, t: forward(model.spec, p, t, lengths=jnp.full((1,), t.shape[1]))[0])
-    starts = compute_patch_starts(model.spec, model.pytrees(), tokens, jnp.full((1,), tokens.shape[1]))
+    starts = compute_patch_starts(model.spec, model.all_params(), tokens, jnp.full((1,), tokens.shape[1]))
     ids_ = patch_ids(starts, tokens.shape[1] + 1)
     lengths = np.asarray(patch_lengths(ids_, tokens.shape[1] + 1))[0, : int(ids_.num_patches[0])]
-    return np.asarray(fn(model.pytrees(), tokens)), lengths
+    return np.asarray(fn(model.all_params(), tokens)), lengths
 
 
 def test_patches_and_logits_match_transformers(converted):
@@ -82,7 +82,7 @@ def test_greedy_generation_equals_transformers_generate(name, tmp_path):
 
 def test_export_reloads_in_transformers_bit_for_bit(converted, tmp_path):
     name, hf, _, base = converted
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     assert main(["convert", "--to-hf", str(base / "ours"), str(tmp_path / "exported")]) == 0
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()

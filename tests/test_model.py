@@ -12,8 +12,11 @@ from flax import nnx
 
 from blt_jax import model as model_lib
 from blt_jax.config import BLTConfig, get_preset
-from blt_jax.generation.model import compute_patch_starts, forward, from_params
-from blt_jax.model.layers import LocalMask, attention, causal_mask, init_caches
+from blt_jax.generation.forward import compute_patch_starts, forward
+from blt_jax.generation.loaded import from_params
+from blt_jax.model.attention import LocalMask, attention, causal_mask
+from blt_jax.model.layers import cached_chunk_mask, cast_floating, init_stack_caches
+from blt_jax.objectives import blt_loss
 from blt_jax.patching import patch_ids
 from blt_jax.tokenizer import BOS_ID
 
@@ -93,14 +96,14 @@ def test_changing_a_byte_never_changes_earlier_logits(mode):
     m = loaded(cfg)
     S = 48
     tokens = random_tokens(1, S, seed=4)
-    starts = compute_patch_starts(m.spec, m.pytrees(), tokens)
+    starts = compute_patch_starts(m.spec, m.all_params(), tokens)
     n = int(starts[0, :S].sum())
     assert 6 < n < S, "patches should have mixed lengths for this test to mean something"
     fwd = jax.jit(lambda p, t: forward(m.spec, p, t)[0])
-    base = fwd(m.pytrees(), tokens)
+    base = fwd(m.all_params(), tokens)
     for t in (5, 20, 33, 47):
         changed = tokens.at[0, t].set((tokens[0, t] - 4 + 97) % 256 + 4)
-        logits = fwd(m.pytrees(), changed)
+        logits = fwd(m.all_params(), changed)
         np.testing.assert_allclose(np.asarray(logits[0, :t]), np.asarray(base[0, :t]), atol=1e-5,
                                    err_msg=f"logits before byte {t} moved")
         assert not np.allclose(np.asarray(logits[0, t:]), np.asarray(base[0, t:]), atol=1e-5)
@@ -112,14 +115,19 @@ def _chunks(S):
     return [(0, 11), (11, 12), (12, 13), (13, 20), (20, S)]  # a prefill, single steps, a longer chunk
 
 
-def test_entropy_model_cache_equals_forward():
+@pytest.mark.parametrize("window,slots", [(64, 48), (8, 9)])
+def test_entropy_model_cache_equals_forward(window, slots):
+    """Chunks and single steps against a KV cache reproduce the full forward, also when the cache is a ring of
+    window + 1 slots that the 40 positions wrap around several times (chunks longer than the ring included)."""
     cfg = tiny_cfg().entropy_model
+    cfg = dataclasses.replace(cfg, stack=dataclasses.replace(cfg.stack, window=window))
     graphdef, params = model_lib.build(cfg)
     B, S = 2, 40
     tokens = random_tokens(B, S)
     full, _ = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
-    step = jax.jit(lambda p, t, pos, c, off: nnx.merge(graphdef, p)(t, pos, c, off))
-    caches = init_caches(cfg.stack, B, 48)
+    step = jax.jit(lambda p, t, pos, c, off: nnx.merge(graphdef, p)(
+        t, pos, c, cached_chunk_mask(cfg.stack, pos, off, jnp.full(off.shape, t.shape[1]))))
+    caches = init_stack_caches(cfg.stack, B, slots)
     for a, b in _chunks(S):
         pos = jnp.broadcast_to(jnp.arange(a, b)[None], (B, b - a))
         out, caches = step(params, tokens[:, a:b], pos, caches, jnp.full((B,), a, jnp.int32))
@@ -134,7 +142,7 @@ def test_blt_pieces_with_caches_equal_forward():
     blt = nnx.merge(m.spec.graphdef, m.params)
     B, S = 2, 40
     tokens = random_tokens(B, S, seed=2)
-    starts = compute_patch_starts(m.spec, m.pytrees(), tokens)
+    starts = compute_patch_starts(m.spec, m.all_params(), tokens)
     full_logits, ids = blt(tokens, starts, max_patches=S + 1)
     P = S + 1
 
@@ -148,24 +156,28 @@ def test_blt_pieces_with_caches_equal_forward():
 
     gd, params = m.spec.graphdef, m.params
 
+    def chunk_mask(stack, positions, offset):
+        return cached_chunk_mask(stack, positions, offset, jnp.full(offset.shape, positions.shape[1]))
+
     @jax.jit
     def encode_chunk(p, toks, context, positions, caches, offset):
         net = nnx.merge(gd, p)
         e = net.byte_embeddings(toks, context)
-        return (e,) + net.encode(e, positions, caches=caches, offset=offset)
+        return (e,) + net.encode(e, positions, caches=caches, mask=chunk_mask(cfg.encoder, positions, offset))
 
     @jax.jit
     def global_step(p, patch, positions, caches, offset):
-        return nnx.merge(gd, p).global_latents(patch, positions, caches=caches, offset=offset)
+        return nnx.merge(gd, p).global_latents(patch, positions, caches=caches,
+                                               mask=chunk_mask(cfg.global_model, positions, offset))
 
     @jax.jit
     def decode_step(p, h, positions, latent, caches, offset):
         net = nnx.merge(gd, p)  # one byte against one fixed latent
         return net.decode(h, positions, net.decoder_cross_kv(latent), jnp.zeros((B, 1), jnp.int32),
-                          caches=caches, offset=offset)
+                          mask=chunk_mask(cfg.decoder, positions, offset), caches=caches)
 
     # encoder: hash context + KV cache, chunk by chunk
-    enc_caches = init_caches(cfg.encoder, B, 48)
+    enc_caches = init_stack_caches(cfg.encoder, B, 48)
     ctx_len = blt.hash_context
     hs = []
     for a, b in _chunks(S):
@@ -179,7 +191,7 @@ def test_blt_pieces_with_caches_equal_forward():
 
     # global model: one patch at a time against its KV cache
     n = int(jnp.max(ids.num_patches))
-    g_caches = init_caches(cfg.global_model, B, 48)
+    g_caches = init_stack_caches(cfg.global_model, B, 48)
     lat = []
     for p in range(n):
         out, g_caches = global_step(params, patches[:, p:p + 1], jnp.full((B, 1), p), g_caches,
@@ -188,7 +200,7 @@ def test_blt_pieces_with_caches_equal_forward():
     chex.assert_trees_all_close(jnp.concatenate(lat, axis=1), latents_full[:, :n], atol=2e-5)
 
     # decoder: per chunk, each byte against its own latent only (a one-latent cross-attention source)
-    d_caches = init_caches(cfg.decoder, B, 48)
+    d_caches = init_stack_caches(cfg.decoder, B, 48)
     cross_all = blt.decoder_cross_kv(latents_full)
     for t in range(S):
         one = jnp.take_along_axis(latents_full, ids.decoder_ids[:, t, None, None], axis=1)  # (B, 1, Dg)
@@ -228,7 +240,6 @@ def test_bfloat16_compute_tracks_float32():
     graphdef, params = model_lib.build(cfg)
     tokens = random_tokens(2, 32)
     starts = jnp.zeros((2, 33), bool).at[:, ::3].set(True).at[:, 1].set(True)
-    from blt_jax.model.layers import cast_floating
     f32 = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, starts)[0])(params)
     b16 = jax.jit(lambda p: nnx.merge(graphdef, cast_floating(p, jnp.bfloat16))(
         tokens, starts, dtype=jnp.bfloat16)[0])(params)
@@ -239,7 +250,6 @@ def test_bfloat16_compute_tracks_float32():
 
 @pytest.mark.slow
 def test_remat_gives_identical_gradients():
-    from blt_jax.objectives import blt_loss
     cfg = tiny_cfg()
     graphdef, params = model_lib.build(cfg)
     tokens = random_tokens(2, 32)

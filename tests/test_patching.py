@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blt_jax.config import PatchingConfig
-from blt_jax.patching import (calibrate_threshold, mean_patch_length, patch_ids, patch_lengths, start_flags,
-                              starts_from_lengths)
+from blt_jax.config import ConfigError, PatchingConfig
+from blt_jax.patching import (PatchCarry, calibrate_threshold, chunk_start_flags, mean_patch_length, patch_ids,
+                              patch_lengths, start_flags, starts_from_lengths)
 from blt_jax.tokenizer import BOS_ID, encode
 
 THR = 1.0
@@ -35,7 +35,7 @@ def ref_entropy_starts(H, thr, rule="global", add=None):
 def ref_lengths(starts, S):
     """HF's patch_lengths_from_entropies: lengths sum to S, a start at S yields a trailing 0."""
     ends = [s - 1 for s in starts[1:]] + [S - 1]
-    return [e - s + 1 for s, e in zip(starts, ends)]
+    return [e - s + 1 for s, e in zip(starts, ends, strict=True)]
 
 
 def split_large_numbers(lst, m):
@@ -65,7 +65,7 @@ def ours(cfg, tokens, H=None, xp=np):
 def lengths_of(starts):
     pos = np.nonzero(starts)[0].tolist()
     S = len(starts) - 1
-    return [b - a for a, b in zip(pos, pos[1:] + [S])]
+    return [b - a for a, b in zip(pos, pos[1:] + [S], strict=True)]
 
 
 def random_case(seed, S=60):
@@ -233,6 +233,62 @@ def test_calibration_hits_target_mean_patch_length():
 
 
 def test_entropy_patching_without_threshold_is_a_clear_error():
-    from blt_jax.config import ConfigError
     with pytest.raises(ConfigError, match="threshold"):
         start_flags(dataclasses.replace(PatchingConfig(), threshold=None), np.ones((1, 4), int), np.ones((1, 4)))
+
+
+# ---- incremental patching (generation) == the whole-sequence rules ----------------------------------------------
+
+INCREMENTAL_CASES = [
+    PatchingConfig(mode="entropy", threshold=THR),
+    PatchingConfig(mode="entropy", threshold=THR, max_patch_length=3),
+    PatchingConfig(mode="entropy", threshold=0.3, rule="monotonic", max_patch_length=5),
+    PatchingConfig(mode="entropy", threshold=THR, rule="global_and_monotonic", threshold_add=0.1),
+    PatchingConfig(mode="entropy", threshold=THR, document_starts=False),
+    PatchingConfig(mode="static", patch_size=3),
+    PatchingConfig(mode="static", patch_size=4, max_patch_length=2),
+    PatchingConfig(mode="space"),
+    PatchingConfig(mode="space", max_patch_length=4),
+    PatchingConfig(mode="byte"),
+]
+
+
+@pytest.mark.parametrize("cfg", INCREMENTAL_CASES, ids=lambda c: f"{c.mode}-{c.rule}-{c.max_patch_length}")
+def test_chunked_start_flags_equal_the_whole_sequence_rules(cfg):
+    """Generation computes patch starts chunk by chunk from the last two bytes and a carried state; the flags
+    (including each chunk's virtual next byte) must equal `start_flags` over the whole sequence, for every
+    rule, with documents (mid-sequence BOS) and ragged chunk lengths per row."""
+
+    rng = np.random.default_rng(0)
+    B, S, T = 3, 61, 7
+    tokens = rng.choice([BOS_ID, 4 + ord(" "), 4 + ord("a"), 4 + ord("7"), 4 + ord("."), 4 + 0xC3], size=(B, S),
+                        p=[0.03, 0.2, 0.3, 0.2, 0.17, 0.1]).astype(np.int32)
+    tokens[:, 0] = BOS_ID
+    H = rng.uniform(0, 2, size=(B, S)).astype(np.float32)
+    want = np.asarray(start_flags(cfg, tokens, H))  # (B, S + 1)
+
+    got = np.zeros((B, S + 1), bool)
+    length = np.zeros(B, np.int32)
+    carry = PatchCarry.initial(B)
+    carries = []
+    while (length < S).any():
+        n = np.minimum(rng.integers(0, T + 1, size=B), S - length).astype(np.int32)
+        pad = lambda a, fill: np.concatenate([a, np.full((B, T + 2), fill, a.dtype)], axis=1)  # noqa: E731
+        take = lambda a, off, w: np.stack([a[b, max(off[b], 0):][:w] if off[b] >= 0 else  # noqa: E731
+                                           np.concatenate([np.zeros(-off[b], a.dtype), a[b, :w + off[b]]])
+                                           for b in range(B)])
+        tp, hp = pad(tokens, 0), pad(H, 0.0)
+        flags, new = chunk_start_flags(cfg, None,
+                                       jnp.asarray(take(tp, length - 2, 2)), jnp.asarray(take(hp, length - 2, 2)),
+                                       jnp.asarray(take(tp, length, T)), jnp.asarray(take(hp, length, T)),
+                                       jnp.asarray(length), jnp.asarray(n), carry)
+        flags = np.asarray(flags)
+        for b in range(B):
+            got[b, length[b]:length[b] + n[b] + 1] = flags[b, :n[b] + 1]
+            if n[b]:
+                carry = PatchCarry(carry.last_natural.at[b].set(new.last_natural[b, n[b] - 1]),
+                                   carry.last_bos.at[b].set(new.last_bos[b, n[b] - 1]))
+        length = length + n
+        carries.append(carry)
+    np.testing.assert_array_equal(got, want)
+    assert want[:, 2:S].any() and not want[:, 2:S].all() or cfg.mode == "byte"

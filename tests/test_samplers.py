@@ -13,7 +13,8 @@ from blt_jax import model as model_lib
 from blt_jax.config import get_preset
 from blt_jax.generation import api, engine
 from blt_jax.generation.cost import PAPER_PARAMS, ParamsForCost, eq8_bandwidth_gb
-from blt_jax.generation.model import forward, from_params
+from blt_jax.generation.forward import forward
+from blt_jax.generation.loaded import from_params
 from blt_jax.generation.prompts import prepare_prompts
 from blt_jax.generation.samplers import generate_cached
 from blt_jax.generation.sampling import SamplingConfig
@@ -46,8 +47,9 @@ def ids_of(results):
 
 
 def assert_same(got, want, label):
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g == w, f"{label}: prompt {i} differs at byte {next(j for j, (a, b) in enumerate(zip(g, w)) if a != b)}"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        first = next((j for j, (a, b) in enumerate(zip(g, w, strict=False)) if a != b), min(len(g), len(w)))
+        assert g == w, f"{label}: prompt {i} differs at byte {first}"
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,9 @@ def test_cached_ar_equals_nocache_ar(plain):
     got = ids_of(api.generate(plain, ps, max_new_bytes=24, method="ar"))
     assert_same(got, want, "cached AR vs no-cache AR")
     assert len({tuple(w) for w in want}) > 10, "outputs should differ across prompts"
+    for r in api.generate(plain, ps, max_new_bytes=24, method="ar"):  # rounds: one byte each
+        assert r.cost["rounds"] == r.cost["paper_decoder_calls"] == r.cost["new_bytes"]
+        assert r.cost["paper_global_calls"] == r.cost["global_calls"] - 1  # the prefill pass is not counted
 
 
 def test_cached_ar_without_max_patch_length():
@@ -78,6 +83,13 @@ def test_blt_s_greedy_equals_blt_greedy(plain, k):
     assert_same(ids_of(res), want, f"BLT-S k={k}")
     drafted = sum(r.cost["drafted"] for r in res)
     assert drafted > 0 and 0 <= sum(r.cost["accepted"] for r in res) <= drafted
+    for r in res:  # Eq. 8 both ways: the paper counts 2 encoder/global passes and k + 1 decoder calls a round
+        c = r.cost
+        assert c["paper_global_calls"] == 2 * c["rounds"] and c["paper_decoder_calls"] == (k + 1) * c["rounds"]
+        assert c["rounds"] >= -(-c["new_bytes"] // (k + 1))
+        # measured: the prefill pass, a refresh + a verification per round (the latter only if a patch closed)
+        assert c["rounds"] + 1 <= c["global_calls"] <= 2 * c["rounds"] + 1
+        assert c["eq8_bandwidth_gb_paper"] > 0 and c["eq8_bandwidth_gb"] > 0
 
 
 @pytest.mark.slow
@@ -112,6 +124,7 @@ def test_blt_d_runs_blocks_and_counts_calls():
         assert r.cost["new_bytes"] == 16
         assert r.cost["decoder_calls"] == 16 // 4 + 1  # one pass per block + the final commit
         assert r.cost["global_calls"] == 16 // 4 + 1  # prefill + one commit per block
+        assert r.cost["rounds"] == r.cost["paper_global_calls"] == r.cost["paper_decoder_calls"] == 16 // 4
     with pytest.raises(Exception, match="diffusion"):
         api.generate(random_model(), ["x"], method="d")
 
@@ -144,17 +157,18 @@ def test_first_step_and_chunk_logits_equal_the_teacher_forced_forward(plain):
     tokens, lengths = jnp.asarray(batch.tokens), jnp.asarray(batch.lengths)
     full = jax.jit(lambda p, t: forward(plain.spec, p, t)[0])
     extend = jax.jit(lambda p, st, chunk, n: engine.extend(plain.spec, p, st, chunk, n))
-    st = engine.init_state(plain.spec, tokens.shape[0], tokens.shape[1])
-    st, chunk_logits, _ = extend(plain.pytrees(), st, tokens[:, :batch.prompt_len], lengths)
+    st = engine.init_state(plain.spec, tokens.shape[0], engine.Layout(tokens.shape[1], slack=1,
+                                                                     max_chunk=batch.prompt_len))
+    st, chunk_logits, _ = extend(plain.all_params(), st, tokens[:, :batch.prompt_len], lengths)
     for i in range(len(ps)):
-        ref = full(plain.pytrees(), tokens[i:i + 1, :int(lengths[i])])[0]
+        ref = full(plain.all_params(), tokens[i:i + 1, :int(lengths[i])])[0]
         np.testing.assert_allclose(np.asarray(st.next_logits[i]), np.asarray(ref[-1]), atol=2e-4)
         np.testing.assert_allclose(np.asarray(chunk_logits[i, :int(lengths[i])]), np.asarray(ref), atol=2e-4)
     nxt = jnp.asarray([4 + ord("z")] * tokens.shape[0])
-    st2, step_logits, _ = extend(plain.pytrees(), st, nxt[:, None], jnp.ones_like(lengths))
+    st2, step_logits, _ = extend(plain.all_params(), st, nxt[:, None], jnp.ones_like(lengths))
     for i in range(len(ps)):
         seq = jnp.concatenate([tokens[i, :int(lengths[i])], nxt[i:i + 1]])[None]
-        np.testing.assert_allclose(np.asarray(step_logits[i, 0]), np.asarray(full(plain.pytrees(), seq)[0, -1]),
+        np.testing.assert_allclose(np.asarray(step_logits[i, 0]), np.asarray(full(plain.all_params(), seq)[0, -1]),
                                    atol=2e-4)
 
 
@@ -197,7 +211,8 @@ def test_unmasking_rules():
     # none above alpha: the single most confident masked cell
     assert cells_to_commit(logits, masked, UnmaskConfig("confidence", alpha=0.95)).tolist() == [[True, False, False]]
     h = -(probs * jnp.log(probs)).sum(-1)[0]  # entropies 0.33, 0.67, 0.69
-    got = cells_to_commit(logits, jnp.asarray([[True, True, True]]), UnmaskConfig("entropy", gamma=float(h[0] + h[1]) + 1e-4))
+    got = cells_to_commit(logits, jnp.asarray([[True, True, True]]),
+                          UnmaskConfig("entropy", gamma=float(h[0] + h[1]) + 1e-4))
     assert got.tolist() == [[True, True, False]]
     assert cells_to_commit(logits, masked, UnmaskConfig("entropy", gamma=0.0)).tolist() == [[True, False, False]]
     assert cells_to_commit(logits, masked, UnmaskConfig("one_step")).tolist() == masked.tolist()

@@ -16,17 +16,18 @@ from jax.experimental import multihost_utils
 from blt_jax import sharding
 from blt_jax.config import ConfigError
 from blt_jax.generation.cost import ParamsForCost, eq8_bandwidth_gb
-from blt_jax.generation.model import LoadedModel, batch_devices, load_run, on_mesh
+from blt_jax.generation.loaded import LoadedModel, load_run
+from blt_jax.generation.placement import batch_devices, on_mesh
 from blt_jax.generation.nocache import generate_nocache
 from blt_jax.generation.prompts import prepare_prompts
-from blt_jax.generation.samplers import MethodConfig, advance, generate_cached, start_stream
-from blt_jax.generation.sampling import SamplingConfig
+from blt_jax.generation.samplers import CACHED_METHODS, MethodConfig, advance, generate_cached, prefill
+from blt_jax.generation.sampling import SamplingConfig, row_keys, rows_for
 from blt_jax.generation.unmasking import UnmaskConfig
 from blt_jax.tokenizer import decode_bytes
 
 __all__ = ["SamplingConfig", "UnmaskConfig", "GenerationResult", "load", "on_mesh", "generate", "stream", "METHODS"]
 
-METHODS = ("ar", "ar-nocache", "s", "d", "dv")
+METHODS = CACHED_METHODS + ("ar-nocache",)
 
 
 @dataclass
@@ -44,36 +45,62 @@ class GenerationResult:
         return d
 
 
-def load(run_dir: str, step: Optional[int] = None) -> LoadedModel:
-    return load_run(run_dir, step)
+def load(run_dir: str, step: Optional[int] = None, dtype: Optional[str] = None) -> LoadedModel:
+    """A trained run, ready to generate; `dtype` "bfloat16" casts the weights once (the caches follow them)."""
+    model = load_run(run_dir, step)
+    return model if dtype is None else model.astype(dtype)
 
 
 def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_size: Optional[int] = None,
                   unmask: UnmaskConfig = UnmaskConfig()) -> MethodConfig:
-    if method not in METHODS or method == "ar-nocache":
-        raise ValueError(f"method: unknown cached generation method {method!r}; choose one of {METHODS}")
-    if method == "d" and not model.cfg.diffusion.enabled:
-        raise ConfigError("method: 'd' (BLT-D) needs a model trained with the diffusion objective "
-                          "(model.diffusion.block_size > 0); this one is plain BLT (try 's' or 'ar')")
+    if method not in CACHED_METHODS:
+        raise ValueError(f"method: unknown cached generation method {method!r}; choose one of {CACHED_METHODS}")
+    if method in ("d", "dv") and not model.cfg.diffusion.enabled:
+        raise ConfigError(f"method: {method!r} (BLT-D{'V' if method == 'dv' else ''}) needs a model trained with the "
+                          "diffusion objective (model.diffusion.block_size > 0); this one is plain BLT "
+                          "(try 's' or 'ar')")
     return MethodConfig(method=method, draft_len=draft_len,
                         block_size=block_size or model.cfg.diffusion.block_size or 8, unmask=unmask)
 
 
 def _inputs(model: LoadedModel, prompts, max_new_bytes: int, mc: Optional[MethodConfig], seed: int):
-    """Bucketed device inputs: (PromptBatch, (tokens, lengths, max_new, rngs)); padding rows get no budget.
+    """Bucketed device inputs: (PromptBatch, (tokens, lengths, budget, row_keys)); padding rows get no budget.
     On a mesh, rows are split over the batch axes (the batch padded to a multiple of their devices)."""
     batch = prepare_prompts(prompts, max_new_bytes, extra_positions=0 if mc is None else mc.lookahead,
                             batch_multiple=batch_devices(model))
     B = batch.tokens.shape[0]
-    rngs = np.asarray(jax.vmap(lambda i: jax.random.fold_in(jax.random.key_data(jax.random.key(seed)), i))(
-        jnp.arange(B)))
-    max_new = np.full((B,), max_new_bytes, np.int32)
-    max_new[batch.num_prompts:] = 0
-    arrays = (batch.tokens, batch.lengths, max_new, rngs)
+    budget = np.full((B,), max_new_bytes, np.int32)
+    budget[batch.num_prompts:] = 0
+    arrays = (batch.tokens, batch.lengths, budget, row_keys(seed, B))
+    return batch, tuple(_to_device(model, a) for a in arrays)
+
+
+def _to_device(model: LoadedModel, a):
+    """A per-row host array on the device(s): split over the batch axes on a mesh."""
+    if a is None:
+        return None
     if model.mesh is None:
-        return batch, tuple(jnp.asarray(a) for a in arrays)
-    rows = sharding.batch_sharding(model.mesh, dict(model.spec.sharding_rules), (B,), "generation batch")
-    return batch, tuple(jax.make_array_from_callback(a.shape, rows, lambda i, a=a: a[i]) for a in arrays)
+        return jnp.asarray(a)
+    rows = sharding.batch_sharding(model.mesh, dict(model.spec.sharding_rules), a.shape[:1], "generation batch")
+    return jax.make_array_from_callback(a.shape, rows, lambda i, a=a: a[i])
+
+
+def _sampling_rows(model: LoadedModel, sampling: SamplingConfig, batch: int):
+    rows = rows_for([sampling] * batch)
+    return None if rows is None else jax.tree.map(lambda a: _to_device(model, a), rows)
+
+
+def cost_record(method: str, counts: dict, new_bytes: int, params: ParamsForCost, seconds: float) -> dict:
+    """One row's cost: calls per network (the prompt's prefill pass included), rounds, drafted/accepted
+    bytes, and the paper's Eq. 8 bandwidth twice: from the calls that ran, and in the paper's accounting
+    (prefill excluded; BLT-S/DV charged two encoder/global passes per round), so tables compare like with like."""
+    rec = {"method": method, "new_bytes": new_bytes, **counts,
+           "acceptance_rate": counts["accepted"] / counts["drafted"] if counts["drafted"] else None,
+           "eq8_bandwidth_gb": eq8_bandwidth_gb(counts["decoder_calls"], counts["global_calls"], params),
+           "eq8_bandwidth_gb_paper": eq8_bandwidth_gb(counts["paper_decoder_calls"], counts["paper_global_calls"],
+                                                      params),
+           "seconds": seconds}
+    return rec
 
 
 def _on_host(tree):
@@ -92,35 +119,34 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
              draft_len: int = 8, block_size: Optional[int] = None,
              unmask: UnmaskConfig = UnmaskConfig()) -> list[GenerationResult]:
     """Generate up to `max_new_bytes` after each prompt with `method`; each result carries a cost record
-    (calls per network, drafted/accepted bytes, the paper's Eq. 8 bandwidth estimate, wall-clock)."""
+    (`cost_record`). Row i samples with key data fold_in(key(seed), i)."""
     if method not in METHODS:
         raise ValueError(f"method: unknown generation method {method!r}; choose one of {METHODS}")
     mc = None if method == "ar-nocache" else method_config(model, method, draft_len, block_size, unmask)
-    batch, args = _inputs(model, prompts, max_new_bytes, mc, seed)
+    batch, (tokens, lengths, budget, keys) = _inputs(model, prompts, max_new_bytes, mc, seed)
     B = batch.tokens.shape[0]
+    rows = _sampling_rows(model, sampling, B)
     t = time.time()
     with _mesh_context(model):
         if mc is None:
-            out = _on_host(generate_nocache(model.spec, sampling, model.pytrees(), *args, stop_at_eos=stop_at_eos))
-            lengths = out.lengths
-            calls = {k: out.forward_calls for k in ("decoder_calls", "encoder_calls", "global_calls",
-                                                    "entropy_calls")}
+            out = _on_host(generate_nocache(model.spec, model.all_params(), tokens, lengths, budget, keys, rows,
+                                            allow_specials=sampling.allow_specials, stop_at_eos=stop_at_eos))
+            out_tokens, out_lengths = out.tokens, out.lengths
+            calls = {k: out.forward_calls for k in ("decoder_calls", "encoder_calls", "global_calls", "entropy_calls",
+                                                    "rounds", "paper_decoder_calls", "paper_global_calls")}
             calls.update(drafted=np.zeros(B, int), accepted=np.zeros(B, int))
         else:
-            out = _on_host(generate_cached(model.spec, mc, sampling, model.pytrees(), *args,
-                                           prompt_len=batch.prompt_len, stop_at_eos=stop_at_eos))
-            lengths, calls = out.length, out.counters
+            out = _on_host(generate_cached(model.spec, mc, model.all_params(), tokens, lengths, budget, keys, rows,
+                                           prompt_len=batch.prompt_len, allow_specials=sampling.allow_specials,
+                                           stop_at_eos=stop_at_eos))
+            out_tokens, out_lengths, calls = out.tokens, out.length, out.counters
     seconds = time.time() - t
     params = ParamsForCost.of(model.cfg)
     results = []
     for i, p in enumerate(prompts):
-        ids = out.tokens[i, batch.lengths[i]:lengths[i]]
+        ids = out_tokens[i, batch.lengths[i]:out_lengths[i]]
         new = decode_bytes(ids)
-        row = {k: int(v[i]) for k, v in calls.items()}  # cached methods: the prompt's prefill pass included
-        cost = {"method": method, "new_bytes": len(ids), **row,
-                "acceptance_rate": row["accepted"] / row["drafted"] if row["drafted"] else None,
-                "eq8_bandwidth_gb": eq8_bandwidth_gb(row["decoder_calls"], row["global_calls"], params),
-                "seconds": seconds}
+        cost = cost_record(method, {k: int(v[i]) for k, v in calls.items()}, len(ids), params, seconds)
         results.append(GenerationResult(prompt=p if isinstance(p, str) else p.decode("utf-8", "replace"),
                                         text=new.decode("utf-8", errors="replace"), new_bytes=new,
                                         seconds=seconds, cost=cost, token_ids=ids.tolist()))
@@ -131,27 +157,27 @@ def stream(model: LoadedModel, prompt: str, max_new_bytes: int = 128, method: st
            sampling: SamplingConfig = SamplingConfig(), seed: int = 0, stop_at_eos: bool = True,
            draft_len: int = 8, block_size: Optional[int] = None, unmask: UnmaskConfig = UnmaskConfig(),
            chunk_bytes: int = 16) -> Iterator[bytes]:
-    """Yield the new bytes of one prompt as they are generated: one prefill, then one jitted `advance` per
-    `chunk_bytes` (the budget is a traced value, so each call reuses one compile). The bytes equal
-    `generate`'s for the same arguments."""
+    """Yield the new bytes of one prompt as they are generated: one prefill, then one jitted `advance` of
+    about `chunk_bytes` bytes' worth of rounds at a time (the round count is traced: one compile). The rounds
+    are `generate`'s, so the bytes equal `generate`'s for the same arguments."""
     if method == "ar-nocache":
         raise ValueError("stream: method 'ar-nocache' keeps no state between calls; use a cached method")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
     mc = method_config(model, method, draft_len, block_size, unmask)
-    if method == "d":  # whole blocks per call, so the blocks fall where `generate`'s do
-        chunk_bytes = -(-chunk_bytes // mc.block_size) * mc.block_size
     if model.mesh is not None:
         raise ValueError("stream: streams one prompt on one device; generate batches on a mesh with `generate`")
-    batch, (tokens, lengths, max_new, rngs) = _inputs(model, [prompt], max_new_bytes, mc, seed)
-    carry = start_stream(model.spec, mc, model.pytrees(), tokens, lengths, prompt_len=batch.prompt_len)
-    start = emitted = int(batch.lengths[0])
-    for budget in range(chunk_bytes, max_new_bytes + chunk_bytes, chunk_bytes):
-        budget = jnp.minimum(max_new, min(budget, max_new_bytes))
-        carry = advance(model.spec, mc, sampling, model.pytrees(), carry, budget, rngs, stop_at_eos=stop_at_eos)
+    batch, (tokens, lengths, budget, keys) = _inputs(model, [prompt], max_new_bytes, mc, seed)
+    carry = prefill(model.spec, mc, model.all_params(), tokens, lengths, budget, keys,
+                    _sampling_rows(model, sampling, tokens.shape[0]), prompt_len=batch.prompt_len)
+    rounds = max(1, -(-chunk_bytes // mc.max_bytes_per_round))
+    emitted = int(batch.lengths[0])
+    while True:
+        carry = advance(model.spec, mc, model.all_params(), carry, rounds, allow_specials=sampling.allow_specials,
+                        stop_at_eos=stop_at_eos)
         length = int(carry.state.length[0])
         if length > emitted:
             yield decode_bytes(np.asarray(carry.state.tokens[0, emitted:length]))
             emitted = length
-        if bool(carry.ended[0]) or length - start >= max_new_bytes:
+        if bool(carry.ended[0]) or length - int(batch.lengths[0]) >= max_new_bytes:
             return

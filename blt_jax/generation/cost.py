@@ -2,7 +2,7 @@
 
 Eq. 8: BW [GB] = b * (N_dec * P_dec + N_enc * (P_enc + P_glob)) / 1e9, with b = 2 bytes per parameter,
 N_dec / N_enc the decoder and encoder+global calls per sequence. The paper counts neither the entropy model
-nor the hash n-gram tables (paper-digest.md §1.9); P_enc includes the byte embedding and, when present, the
+nor the hash n-gram tables (docs/fast-blt.md §3, Eq. 8); P_enc includes the byte embedding and, when present, the
 global input projection; P_dec includes the LM head.
 """
 
@@ -14,7 +14,7 @@ from blt_jax.config import BLTConfig
 
 BYTES_PER_PARAM = 2
 
-# The constants that reproduce every bandwidth cell of the paper's tables (paper-digest.md §1.9).
+# The constants that reproduce every bandwidth cell of the paper's tables (docs/fast-blt.md §3).
 PAPER_PARAMS = {"1b": {"decoder": 0.160e9, "encoder_global": 1.299e9},
                 "3b": {"decoder": 0.160e9, "encoder_global": 2.846e9}}
 

@@ -5,13 +5,15 @@ and the speed baseline users had. One `lax.while_loop`, compiled once per (batch
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from blt_jax.generation.model import ModelSpec, last_logits
-from blt_jax.generation.sampling import SamplingConfig, choose, position_keys
+from blt_jax.generation.forward import last_logits
+
+from blt_jax.generation.loaded import ModelSpec
+from blt_jax.generation.sampling import SamplingRows, choose, position_keys
 from blt_jax.tokenizer import EOS_ID
 
 
@@ -23,15 +25,18 @@ class GenState(NamedTuple):
     forward_calls: jax.Array  # (B,) full-model passes spent on each row
 
 
-@partial(jax.jit, static_argnames=("spec", "sampling", "stop_at_eos"))
-def generate_nocache(spec: ModelSpec, sampling: SamplingConfig, pytrees: dict, tokens: jax.Array,
-                     lengths: jax.Array, max_new: jax.Array, rngs: jax.Array, stop_at_eos: bool = True) -> GenState:
-    """tokens (B, S) right-padded prompts; lengths (B,); max_new (B,) bytes to add; rngs (B, 2)."""
+@partial(jax.jit, static_argnames=("spec", "allow_specials", "stop_at_eos"))
+def generate_nocache(spec: ModelSpec, params: dict, tokens: jax.Array, lengths: jax.Array, max_new: jax.Array,
+                     row_keys: jax.Array, sampling: Optional[SamplingRows], allow_specials: bool = False,
+                     stop_at_eos: bool = True) -> GenState:
+    """tokens (B, S) right-padded prompts; lengths (B,); max_new (B,) bytes to add; row_keys (B, 2) key data;
+    sampling: per-row settings (None: greedy)."""
     B, S = tokens.shape
     start = lengths
 
     def body(st: GenState) -> GenState:
-        nxt = choose(last_logits(spec, pytrees, st.tokens, st.lengths), position_keys(rngs, st.lengths), sampling)
+        nxt = choose(last_logits(spec, params, st.tokens, st.lengths), position_keys(row_keys, st.lengths), sampling,
+                     allow_specials)
         active = ~st.done
         write = jnp.where(active, nxt, st.tokens[jnp.arange(B), jnp.minimum(st.lengths, S - 1)])
         toks = st.tokens.at[jnp.arange(B), jnp.minimum(st.lengths, S - 1)].set(write)

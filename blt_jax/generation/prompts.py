@@ -24,7 +24,7 @@ class PromptBatch:
     tokens: np.ndarray  # (B_bucket, S_bucket) int32, right-padded with BOE
     lengths: np.ndarray  # (B_bucket,) int32: BOS + prompt bytes
     num_prompts: int  # rows past this are padding
-    prompt_len: int  # the prompt bucket (<= S_bucket): what a cached sampler prefills as one chunk
+    prompt_len: int  # the prompt bucket (<= S_bucket); cached samplers prefill it in samplers.PREFILL_CHUNK chunks
 
     @property
     def bucket(self) -> tuple[int, int]:

@@ -1,21 +1,26 @@
-"""Cached generation methods, each one `lax.while_loop` compiled once per (batch, length) bucket:
+"""Cached generation methods: one round function per method (the table `ROUNDS`), run by one
+`lax.while_loop` compiled once per (batch, length) bucket.
 
 - ``ar``  BLT with KV caches in all four networks; the global model runs only when a patch closes.
-- ``s``   BLT-S: draft k bytes with encoder + decoder against the latest latent, verify them with one full
-          pass, keep the longest agreeing prefix (the verifier's own byte follows it). Output == ``ar``.
+- ``s``   BLT-S: the verifier's next byte is encoded and the latent of its (open) patch computed; the
+          decoder drafts k bytes against it; one full pass verifies them; the longest agreeing prefix is kept
+          and the verifier's own byte follows it. Output == ``ar``.
 - ``d``   BLT-D (Algorithm 1): B [MASK] cells after the text, unmasked over a few decoder passes, then
           committed; the commit pass also computes the next latent and the next block's first decoder pass.
-- ``dv``  BLT-DV: a BLT-D draft of B cells, verified like BLT-S. Output == the model's own ``ar``.
+- ``dv``  BLT-DV: after the verifier's next byte, a BLT-D draft of B cells, verified like BLT-S. Output ==
+          the model's own ``ar``.
 
 Bytes are chosen with position-keyed randomness (`sampling.position_keys`), so under sampling too every
-verified method reproduces ``ar`` exactly whenever it sees the same logits.
+verified method reproduces ``ar`` exactly whenever it sees the same logits. Everything per row (budget,
+sampling settings, keys) lives in the `Carry`, every leaf with the batch as its leading axis, so a finished
+row's slot can be refilled with a new prompt's state (`insert_rows`: continuous batching).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +28,15 @@ import jax.numpy as jnp
 from blt_jax import sharding
 from blt_jax.config import ConfigError
 from blt_jax.generation import engine
-from blt_jax.generation.model import ModelSpec
-from blt_jax.generation.sampling import SamplingConfig, choose, position_keys
+from blt_jax.generation.loaded import ModelSpec
+from blt_jax.generation.sampling import SamplingRows, choose, position_keys
 from blt_jax.generation.unmasking import UnmaskConfig, cells_to_commit
 from blt_jax.tokenizer import EOS_ID, MASK_ID
 
 Method = Literal["ar", "s", "d", "dv"]
+CACHED_METHODS: tuple[str, ...] = ("ar", "s", "d", "dv")
+
+PREFILL_CHUNK = 256  # prompt bytes extended per prefill step: memory O(chunk x window), time linear in the prompt
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,8 @@ class MethodConfig:
     unmask: UnmaskConfig = field(default_factory=UnmaskConfig)
 
     def __post_init__(self):
-        if self.method not in ("ar", "s", "d", "dv"):
-            raise ConfigError(f"method: must be one of ar, s, d, dv, got {self.method!r}")
+        if self.method not in CACHED_METHODS:
+            raise ConfigError(f"method: must be one of {', '.join(CACHED_METHODS)}, got {self.method!r}")
         if self.draft_len < 1:
             raise ConfigError(f"draft_len: must be >= 1, got {self.draft_len}")
         if self.block_size < 1:
@@ -49,19 +57,46 @@ class MethodConfig:
     @property
     def lookahead(self) -> int:
         """Positions a round may write past the committed text (buffers are sized with this slack)."""
-        return {"ar": 1, "s": self.draft_len + 1, "d": 2 * self.block_size, "dv": self.block_size}[self.method]
+        return {"ar": 1, "s": self.draft_len + 1, "d": 2 * self.block_size, "dv": self.block_size + 1}[self.method]
+
+    @property
+    def max_bytes_per_round(self) -> int:
+        return {"ar": 1, "s": self.draft_len + 1, "d": self.block_size, "dv": self.block_size + 1}[self.method]
+
+    def layout(self, buffer: int, prompt_len: int) -> engine.Layout:
+        chunk = min(prompt_len, PREFILL_CHUNK)
+        return engine.Layout(buffer=buffer, slack=self.lookahead, max_chunk=max(chunk, self.lookahead + 1))
 
 
 class Carry(NamedTuple):
+    """Everything a batch of rows carries between rounds; every leaf is indexed by row first."""
+
     state: engine.EngineState
     start: jax.Array  # (B,) prompt lengths
+    budget: jax.Array  # (B,) bytes to generate past the prompt
+    row_keys: jax.Array  # (B, 2) per-row random key data (sampling.position_keys)
+    sampling: Optional[SamplingRows]  # per-row settings; None: all greedy
     ended: jax.Array  # (B,) emitted EOS or filled the buffer: finished for good
     cells: jax.Array  # (B, Bk) BLT-D: the block being denoised
     block_logits: jax.Array  # (B, Bk, V) BLT-D: the latest decoder pass over it
 
 
-def _done(c: Carry, max_new: jax.Array) -> jax.Array:
-    return c.ended | (c.state.length - c.start >= max_new)
+@dataclass(frozen=True)
+class Round:
+    """What a round function needs besides the carry: the model, the method and the byte chooser."""
+
+    spec: ModelSpec
+    method: MethodConfig
+    params: dict
+    allow_specials: bool
+    stop_at_eos: bool
+
+    def choose(self, c: Carry, logits: jax.Array, positions: jax.Array) -> jax.Array:
+        return choose(logits, position_keys(c.row_keys, positions), c.sampling, self.allow_specials)
+
+
+def done(c: Carry) -> jax.Array:
+    return c.ended | (c.state.length - c.start >= c.budget)
 
 
 def _ended(ended, length, committed, n, S, lookahead, stop_at_eos):
@@ -81,43 +116,133 @@ def _cut_at_eos(tokens: jax.Array, n: jax.Array, stop_at_eos: bool) -> jax.Array
     return jnp.minimum(n, first + 1)
 
 
-def _verify(spec, params, st, chunk, n, rngs, sampling, stop_at_eos):
+def _verify(r: Round, c: Carry, st: engine.EngineState, chunk, n):
     """One full pass over chunk[:, :n] (chunk[:, 0] is the model's own next byte). Keeps chunk[:, 0] and the
     drafted bytes up to the first one the verifier would not have chosen; returns (state, kept, accepted)."""
     L = st.length
-    st, logits, _ = engine.extend(spec, params, st, chunk, n)
+    st, logits, _ = engine.extend(r.spec, r.params, st, chunk, n)
     T = chunk.shape[1]
-    picks = choose(logits, position_keys(rngs, L[:, None] + 1 + jnp.arange(T)[None, :]), sampling)
+    picks = r.choose(c, logits, L[:, None] + 1 + jnp.arange(T)[None, :])
     agree = (chunk[:, 1:] == picks[:, :-1]) & (jnp.arange(1, T)[None, :] < n[:, None])
     accepted = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)
-    kept = _cut_at_eos(chunk, jnp.minimum(1 + accepted, n), stop_at_eos)
-    next_logits = jnp.take_along_axis(logits, jnp.maximum(kept - 1, 0)[:, None, None], axis=1)[:, 0]
-    st = engine.rollback(spec, st, L + kept, jnp.where((n > 0)[:, None], next_logits, st.next_logits))
+    kept = _cut_at_eos(chunk, jnp.minimum(1 + accepted, n), r.stop_at_eos)
+    next_logits = engine.gather(logits, jnp.maximum(kept - 1, 0))
+    st = engine.rollback(st, L + kept, jnp.where((n > 0)[:, None], next_logits, st.next_logits))
     return st, kept, jnp.minimum(accepted, kept - 1)
 
 
-def _denoise_block(spec, params, st, cells, masked, logits, latent, rngs, sampling, unmask, active):
-    """Unmask `cells` until no [MASK] is left; `logits` holds the first pass. Returns the finished block."""
+def _denoise_block(r: Round, c: Carry, st, cells, masked, logits, prefix_end, patch, active):
+    """Unmask `cells` until no [MASK] is left; `logits` holds the first pass. Returns (state, the finished
+    block, decoder passes run after the first (B,))."""
     Bk = cells.shape[1]
-    positions = st.length[:, None] + jnp.arange(Bk)[None, :]
+    positions = prefix_end[:, None] + jnp.arange(Bk)[None, :]
 
-    def body(c):
-        st, cells, masked, logits = c
-        values = choose(logits, position_keys(rngs, positions), sampling)
-        commit = cells_to_commit(logits, masked, unmask) & active[:, None]
+    def body(loop):
+        st, cells, masked, logits, passes = loop
+        values = r.choose(c, logits, positions)
+        commit = cells_to_commit(logits, masked, r.method.unmask) & active[:, None]
         cells = jnp.where(commit, values, cells)
         masked = masked & ~commit
         again = active & jnp.any(masked, axis=1)
 
         def run(_):
-            return engine.denoise(spec, params, st, cells, latent, again)
+            return engine.denoise(r.spec, r.params, st, cells, prefix_end, patch, again)
 
         st, logits = jax.lax.cond(jnp.any(again), run, lambda _: (st, logits), None)
-        return st, cells, masked, logits
+        return st, cells, masked, logits, passes + again
 
-    cond = lambda c: jnp.any(c[2] & active[:, None])  # noqa: E731
-    st, cells, _, _ = jax.lax.while_loop(cond, body, (st, cells, masked, logits))
-    return st, cells
+    cond = lambda loop: jnp.any(loop[2] & active[:, None])  # noqa: E731
+    zeros = jnp.zeros(prefix_end.shape, jnp.int32)
+    st, cells, _, _, passes = jax.lax.while_loop(cond, body, (st, cells, masked, logits, zeros))
+    return st, cells, passes
+
+
+def _remaining(c: Carry, active):
+    return jnp.where(active, c.budget - (c.state.length - c.start), 0)
+
+
+def _count(st: engine.EngineState, active, **adds) -> engine.EngineState:
+    return st.replace(counters=engine.add_counts(st, **{k: jnp.where(active, v, 0) for k, v in adds.items()}))
+
+
+# ---- one round per method -----------------------------------------------------------------------------------------
+# Each takes (round context, carry, active rows) and returns (carry, committed bytes (B, T), how many (B,)).
+
+def ar_round(r: Round, c: Carry, active):
+    st = c.state
+    nxt = r.choose(c, st.next_logits, st.length)
+    n = active.astype(jnp.int32)
+    before = st.counters["global_calls"]
+    st, _, _ = engine.extend(r.spec, r.params, st, nxt[:, None], n)
+    st = _count(st, active, paper_decoder_calls=1, paper_global_calls=st.counters["global_calls"] - before)
+    return c._replace(state=st), nxt[:, None], n
+
+
+def speculative_round(r: Round, c: Carry, active):
+    """BLT-S: refresh the latest latent with the verifier's byte, draft k bytes, verify."""
+    k = r.method.draft_len
+    st = c.state
+    L = st.length
+    first = r.choose(c, st.next_logits, L)  # the verifier's own next byte: always kept
+    st, h = engine.refresh(r.spec, r.params, st, first, active)
+    patch = st.num_closed  # the open patch holding `first`
+    st, logits = engine.decode_at(r.spec, r.params, st, h, patch, active)
+    chunk = jnp.zeros((first.shape[0], k + 1), jnp.int32).at[:, 0].set(first)
+    chunk = chunk.at[:, 1].set(r.choose(c, logits[:, 0], L + 1))
+
+    def draft(j, loop):  # encoder + decoder steps against the latest latent
+        st, chunk = loop
+        st, lg = engine.draft_step(r.spec, r.params, st, chunk[:, j], L + j, patch, active)
+        return st, chunk.at[:, j + 1].set(r.choose(c, lg, L + j + 1))
+
+    st, chunk = jax.lax.fori_loop(1, k, draft, (st, chunk))
+    n = jnp.minimum(k + 1, _remaining(c, active))
+    st, kept, accepted = _verify(r, c, st, chunk, n)
+    st = _count(st, active, drafted=jnp.maximum(n - 1, 0), accepted=accepted, paper_decoder_calls=k + 1,
+                paper_global_calls=2)
+    return c._replace(state=st), chunk, kept
+
+
+def diffusion_verify_round(r: Round, c: Carry, active):
+    """BLT-DV: refresh the latest latent with the verifier's byte, draft a block of B cells after it by
+    diffusion (the first pass also decodes the byte itself), verify all B."""
+    Bk = r.method.block_size
+    st = c.state
+    L = st.length
+    B = L.shape[0]
+    first = r.choose(c, st.next_logits, L)
+    st, h = engine.refresh(r.spec, r.params, st, first, active)
+    patch = st.num_closed
+    cells = jnp.full((B, Bk), MASK_ID, jnp.int32)
+    st, logits = engine.decode_at(r.spec, r.params, st, h, patch, active, cells=cells)
+    masked = jnp.ones((B, Bk), bool) & active[:, None]
+    st, cells, passes = _denoise_block(r, c, st, cells, masked, logits[:, 1:], L + 1, patch, active)
+    chunk = jnp.concatenate([first[:, None], cells], axis=1)
+    n = jnp.minimum(Bk + 1, _remaining(c, active))
+    st, kept, accepted = _verify(r, c, st, chunk, n)
+    st = _count(st, active, drafted=jnp.maximum(n - 1, 0), accepted=accepted, paper_decoder_calls=passes + 2,
+                paper_global_calls=2)
+    return c._replace(state=st), chunk, kept
+
+
+def diffusion_round(r: Round, c: Carry, active):
+    """BLT-D: c.cells / c.block_logits hold the block and its first decoder pass (made by the previous
+    commit); unmask, then commit the block, which also opens the next one."""
+    st = c.state
+    B, Bk = c.cells.shape
+    masked = jnp.ones((B, Bk), bool) & active[:, None]
+    st, cells, passes = _denoise_block(r, c, st, c.cells, masked, c.block_logits, st.length,
+                                       engine.latest_patch(st), active)
+    n = _cut_at_eos(cells, jnp.minimum(Bk, _remaining(c, active)), r.stop_at_eos)
+    st, _, blk = engine.extend(r.spec, r.params, st, cells, n, provisional=True,
+                               block=jnp.full((B, Bk), MASK_ID, jnp.int32))
+    st = _count(st, active, paper_decoder_calls=passes + 1, paper_global_calls=1)
+    return c._replace(state=st, block_logits=blk), cells, n
+
+
+ROUNDS: dict[str, Callable] = {"ar": ar_round, "s": speculative_round, "d": diffusion_round,
+                               "dv": diffusion_verify_round}
+assert tuple(ROUNDS) == CACHED_METHODS
 
 
 def _check(spec: ModelSpec) -> None:
@@ -126,106 +251,111 @@ def _check(spec: ModelSpec) -> None:
                           "incremental at the newest byte; cached generation needs it off (use ar-nocache)")
 
 
-def _prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens: jax.Array, lengths: jax.Array,
-             prompt_len: int) -> Carry:
+def _prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys, sampling,
+             prompt_len: int, dtype) -> Carry:
+    """Extend every row's prompt through the caches in fixed-size chunks (a `fori_loop`): time linear in the
+    prompt, memory independent of it. BLT-D's first block rides along with each chunk, so the chunk that ends
+    a row's prompt also makes its first decoder pass over the block."""
     B, S = tokens.shape
     Bk = method.block_size
-    st = engine.init_state(spec, B, S)
+    layout = method.layout(S, prompt_len)
+    C = min(prompt_len, PREFILL_CHUNK)
+    n_chunks = -(-prompt_len // C)
+    prompt = jnp.pad(tokens[:, :prompt_len], ((0, 0), (0, n_chunks * C - prompt_len)))
+    st = engine.init_state(spec, B, layout, dtype)
     mask_cells = jnp.full((B, Bk), MASK_ID, jnp.int32)
     first_block = method.method == "d"
-    st, _, blk = engine.extend(spec, params, st, tokens[:, :prompt_len], lengths, provisional=first_block,
-                               block=mask_cells if first_block else None)
+    V = st.next_logits.shape[-1]
+    blk = jnp.zeros((B, Bk, V), jnp.float32)
+
+    def chunk(i, loop):
+        st, blk = loop
+        n = jnp.clip(lengths - i * C, 0, C)
+        st, _, new_blk = engine.extend(spec, params, st, jax.lax.dynamic_slice_in_dim(prompt, i * C, C, axis=1), n,
+                                       provisional=first_block, block=mask_cells if first_block else None)
+        return st, (jnp.where((n > 0)[:, None, None], new_blk, blk) if first_block else blk)
+
+    counters = st.counters
+    st, blk = jax.lax.fori_loop(0, n_chunks, chunk, (st, blk))
+    ran = st.counters["global_calls"] > 0
+    one = jnp.ones((B,), jnp.int32)  # the prompt pass counts once per network, however many chunks it took
+    st = st.replace(counters={**counters, "decoder_calls": one, "encoder_calls": one,
+                              "global_calls": ran.astype(jnp.int32),
+                              "entropy_calls": one if spec.entropy_graphdef is not None else 0 * one})
     ended = _ended(jnp.zeros((B,), bool), st.length, tokens[:, :0], jnp.zeros_like(lengths), S, method.lookahead,
                    False)
-    V = st.next_logits.shape[-1]
-    return Carry(st, lengths, ended, mask_cells, blk if first_block else jnp.zeros((B, Bk, V), jnp.float32))
+    return Carry(st, lengths, budget, row_keys, sampling, ended, mask_cells, blk)
 
 
-def _run(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict, c: Carry,
-         max_new: jax.Array, rngs: jax.Array, stop_at_eos: bool) -> Carry:
-    """Generate until every row has `max_new` bytes past its prompt (or ended)."""
-    B, S = c.state.tokens.shape
-    Bk = method.block_size
-    mask_cells = jnp.full((B, Bk), MASK_ID, jnp.int32)
+def _run(r: Round, c: Carry, max_rounds, exit_on_finish: bool) -> Carry:
+    """Run rounds until every row is done, `max_rounds` rounds have run, or (`exit_on_finish`) some row has
+    just finished (so a continuous batcher can refill its slot)."""
+    S = c.state.buffer
+    method = r.method
+    round_fn = ROUNDS[method.method]
+    done_at_entry = done(c)
 
-    def body(c: Carry) -> Carry:
-        st, active = c.state, ~_done(c, max_new)
-        L, start = st.length, c.start
-        remaining = jnp.where(active, max_new - (L - start), 0)
-        if method.method == "ar":
-            nxt = choose(st.next_logits, position_keys(rngs, L), sampling)
-            n = active.astype(jnp.int32)
-            st, _, _ = engine.extend(spec, params, st, nxt[:, None], n)
-            committed, kept = nxt[:, None], n
-        elif method.method == "s":
-            k = method.draft_len
-            st = engine.refresh_latent(spec, params, st, active)
-            latent = engine.latest_latent(spec, st)
-            first = choose(st.next_logits, position_keys(rngs, L), sampling)
-            chunk = jnp.zeros((B, k + 1), jnp.int32).at[:, 0].set(first)
+    def body(loop):
+        c, i = loop
+        active = ~done(c)
+        c, committed, kept = round_fn(r, c, active)
+        st = _count(c.state, active, rounds=1)
+        ended = _ended(c.ended, st.length, committed, kept, S, method.lookahead, r.stop_at_eos)
+        return c._replace(state=st, ended=ended, cells=jnp.full_like(c.cells, MASK_ID)), i + 1
 
-            def draft(j, carry):  # decoder-only steps against the latest latent
-                st, chunk = carry
-                st, lg = engine.draft_step(spec, params, st, chunk[:, j], L + j, latent, active)
-                return st, chunk.at[:, j + 1].set(choose(lg, position_keys(rngs, L + j + 1), sampling))
+    def cond(loop):
+        c, i = loop
+        d = done(c)
+        go = ~jnp.all(d) & (i < max_rounds)
+        if exit_on_finish:
+            go = go & ~jnp.any(d & ~done_at_entry)
+        return go
 
-            st, chunk = jax.lax.fori_loop(0, k, draft, (st, chunk))
-            n = jnp.minimum(k + 1, remaining)
-            st, kept, accepted = _verify(spec, params, st, chunk, n, rngs, sampling, stop_at_eos)
-            st = st.replace(counters=engine.add_counts(st, drafted=jnp.maximum(n - 1, 0), accepted=accepted))
-            committed = chunk
-        elif method.method == "dv":
-            st = engine.refresh_latent(spec, params, st, active)
-            latent = engine.latest_latent(spec, st)
-            first = choose(st.next_logits, position_keys(rngs, L), sampling)  # the verifier's own next byte
-            cells = jnp.concatenate([first[:, None], jnp.full((B, Bk - 1), MASK_ID, jnp.int32)], axis=1)
-            masked = jnp.arange(Bk)[None, :] >= 1
-            st, logits = engine.denoise(spec, params, st, cells, latent, active & (Bk > 1))
-            st, cells = _denoise_block(spec, params, st, cells, masked & active[:, None], logits, latent, rngs,
-                                       sampling, method.unmask, active)
-            n = jnp.minimum(Bk, remaining)
-            st, kept, accepted = _verify(spec, params, st, cells, n, rngs, sampling, stop_at_eos)
-            st = st.replace(counters=engine.add_counts(st, drafted=jnp.maximum(n - 1, 0), accepted=accepted))
-            committed = cells
-        else:  # "d": c.cells / c.block_logits hold the block and its first decoder pass
-            latent = engine.latest_latent(spec, st)
-            masked = jnp.ones((B, Bk), bool) & active[:, None]
-            st, cells = _denoise_block(spec, params, st, c.cells, masked, c.block_logits, latent, rngs,
-                                       sampling, method.unmask, active)
-            n = _cut_at_eos(cells, jnp.minimum(Bk, remaining), stop_at_eos)
-            st, _, blk = engine.extend(spec, params, st, cells, n, provisional=True, block=mask_cells)
-            committed, kept = cells, n
-            c = c._replace(block_logits=blk)
-        ended = _ended(c.ended, st.length, committed, kept, S, method.lookahead, stop_at_eos)
-        return c._replace(state=st, ended=ended, cells=mask_cells)
-
-    return jax.lax.while_loop(lambda c: ~jnp.all(_done(c, max_new)), body, c)
+    return jax.lax.while_loop(cond, body, (c, jnp.zeros((), jnp.int32)))[0]
 
 
-@partial(jax.jit, static_argnames=("spec", "method", "sampling", "prompt_len", "stop_at_eos"))
-def generate_cached(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict,
-                    tokens: jax.Array, lengths: jax.Array, max_new: jax.Array, rngs: jax.Array, prompt_len: int,
+def _dtype(params: dict):
+    """The compute dtype: the parameters' (cast them once to bfloat16 for bf16 generation)."""
+    return jax.tree.leaves(params["blt"])[0].dtype
+
+
+@partial(jax.jit, static_argnames=("spec", "method", "prompt_len", "allow_specials", "stop_at_eos"))
+def generate_cached(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys,
+                    sampling: Optional[SamplingRows], prompt_len: int, allow_specials: bool = False,
                     stop_at_eos: bool = True) -> engine.EngineState:
-    """tokens (B, S): right-padded prompts in a buffer with room for max_new (B,) bytes plus the method's
-    lookahead; prompt_len: the static prompt bucket prefilled as one chunk. Returns the final EngineState
+    """tokens (B, S): right-padded prompts in a buffer with room for budget (B,) bytes plus the method's
+    lookahead; prompt_len: the static prompt bucket (prefilled in chunks). Returns the final EngineState
     (tokens, length, counters)."""
     _check(spec)
     with sharding.activation_rules(spec.sharding_rules):
-        c = _prefill(spec, method, params, tokens, lengths, prompt_len)
-        return _run(spec, method, sampling, params, c, max_new, rngs, stop_at_eos).state
+        c = _prefill(spec, method, params, tokens, lengths, budget, row_keys, sampling, prompt_len, _dtype(params))
+        r = Round(spec, method, params, allow_specials, stop_at_eos)
+        return _run(r, c, jnp.iinfo(jnp.int32).max, False).state
 
 
 @partial(jax.jit, static_argnames=("spec", "method", "prompt_len"))
-def start_stream(spec: ModelSpec, method: MethodConfig, params: dict, tokens: jax.Array, lengths: jax.Array,
-                 prompt_len: int) -> Carry:
-    """Streaming: prefill once, then `advance` repeatedly with a growing budget (one compile each)."""
+def prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys,
+            sampling: Optional[SamplingRows], prompt_len: int) -> Carry:
+    """The carry of a batch of prompts after their prefill: what `advance` continues (streaming, continuous
+    batching)."""
     _check(spec)
     with sharding.activation_rules(spec.sharding_rules):
-        return _prefill(spec, method, params, tokens, lengths, prompt_len)
+        return _prefill(spec, method, params, tokens, lengths, budget, row_keys, sampling, prompt_len,
+                        _dtype(params))
 
 
-@partial(jax.jit, static_argnames=("spec", "method", "sampling", "stop_at_eos"), donate_argnums=(4,))
-def advance(spec: ModelSpec, method: MethodConfig, sampling: SamplingConfig, params: dict, carry: Carry,
-            max_new: jax.Array, rngs: jax.Array, stop_at_eos: bool = True) -> Carry:
+@partial(jax.jit, static_argnames=("spec", "method", "allow_specials", "stop_at_eos", "exit_on_finish"),
+         donate_argnums=(3,))
+def advance(spec: ModelSpec, method: MethodConfig, params: dict, carry: Carry, max_rounds,
+            allow_specials: bool = False, stop_at_eos: bool = True, exit_on_finish: bool = False) -> Carry:
+    """Run up to `max_rounds` rounds (a traced count: one compile serves any) on a carry."""
     with sharding.activation_rules(spec.sharding_rules):
-        return _run(spec, method, sampling, params, carry, max_new, rngs, stop_at_eos)
+        r = Round(spec, method, params, allow_specials, stop_at_eos)
+        return _run(r, carry, jnp.asarray(max_rounds, jnp.int32), exit_on_finish)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def insert_rows(carry: Carry, rows: jax.Array, new: Carry) -> Carry:
+    """Write the rows of `new` (a carry of len(rows) rows, e.g. fresh prefills) into `carry` at `rows`: every
+    buffer, cache, budget and setting of those slots is replaced, so the batch keeps running with them."""
+    return jax.tree.map(lambda full, part: full.at[rows].set(part.astype(full.dtype)), carry, new)

@@ -11,6 +11,7 @@ Both rules commit at least one cell per pass, so a block of B cells takes at mos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,8 +34,8 @@ class UnmaskConfig:
             raise ConfigError(f"unmask.rule: must be 'confidence', 'entropy' or 'one_step', got {self.rule!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"unmask.alpha: must lie in [0, 1], got {self.alpha}")
-        if self.gamma < 0.0:
-            raise ConfigError(f"unmask.gamma: must be >= 0, got {self.gamma}")
+        if not (math.isfinite(self.gamma) and self.gamma >= 0.0):
+            raise ConfigError(f"unmask.gamma: must be a finite number >= 0, got {self.gamma}")
 
 
 def cells_to_commit(logits: jax.Array, masked: jax.Array, cfg: UnmaskConfig) -> jax.Array:

@@ -7,9 +7,9 @@ samplers compose the same code:
 
     byte_embeddings -> encode -> pool_patches -> global_latents -> decoder_cross_kv -> decode
 
-`encode`, `global_latents` and `decode` take optional KV caches (prefill = a chunk at offset 0; one-step
-decode = a chunk of one), and `decode` takes per-position latent indices, so bytes can be decoded against
-any fixed latent.
+`encode`, `global_latents` and `decode` take optional KV caches with a `CachedMask` (a chunk of positions
+against the cache: prefill chunks, one-byte steps, speculative chunks, diffusion blocks), and `decode` takes
+per-position latent indices, so bytes can be decoded against any latent.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from flax import nnx
 
 from blt_jax.config import BLTConfig
 from blt_jax.model.hashing import PRIMES, ngram_hash_ids
-from blt_jax.model.layers import (Block, CrossAttention, Embed, Linear, RMSNorm, rope_tables, run_block,
-                                  run_layers, self_attention_mask)
+from blt_jax.model.attention import CachedMask, self_attention_mask
+from blt_jax.model.layers import Block, CrossAttention, Embed, Linear, RMSNorm, rope_tables, run_block, run_layers
 from blt_jax.patching import PatchIds, patch_ids
 from blt_jax.tokenizer import BOS_ID
 
@@ -109,13 +109,14 @@ class BLT(nnx.Module):
                 table += 1
         return emb.astype(dtype)
 
-    def encode(self, emb: Array, positions: Array, segments: Optional[Array] = None, caches=None, offset=None,
-               remat: bool = False, contiguous: bool = False):
-        """Local encoder layers: byte states (B, T, De). `contiguous`: positions are 0..T-1 (no cache)."""
+    def encode(self, emb: Array, positions: Array, segments: Optional[Array] = None, caches=None,
+               mask: Optional[CachedMask] = None, remat: bool = False, contiguous: bool = False):
+        """Local encoder layers: byte states (B, T, De). `contiguous`: positions are 0..T-1 (no cache). With
+        `caches`, `mask` says how the chunk meets them."""
         cfg = self.cfg.encoder
-        cache_len = None if caches is None else caches[0].length
-        mask = self_attention_mask(positions, cfg.window, segments, cache_len, contiguous)
-        return run_layers(self.local_encoder.layers, cfg, emb, positions, mask, caches, offset, remat)
+        if caches is None:
+            mask = self_attention_mask(positions, cfg.window, segments, contiguous)
+        return run_layers(self.local_encoder.layers, cfg, emb, positions, mask, caches, remat)
 
     def pool_patches(self, h: Array, encoder_ids: Array, num_slots: int) -> Array:
         """Patch embeddings (B, P, k * De): amax-pool each patch's byte states, project into k queries, and
@@ -131,14 +132,15 @@ class BLT(nnx.Module):
         return (queries + out).reshape(B, num_slots, k * De)
 
     def global_latents(self, patch_embeds: Array, positions: Array, segments: Optional[Array] = None,
-                       caches=None, offset=None, remat: bool = False):
-        """Global transformer over patches (no final norm): latents (B, T, Dg)."""
+                       caches=None, mask: Optional[CachedMask] = None, remat: bool = False, write: bool = True):
+        """Global transformer over patches (no final norm): latents (B, T, Dg). With caches and `write=False`,
+        returns the chunk's keys/values per layer instead of updated caches (see `SelfAttention`)."""
         cfg = self.cfg.global_model
         g = self.global_transformer
         x = patch_embeds if g.token_embedding_projection is None else g.token_embedding_projection(patch_embeds)
-        cache_len = None if caches is None else caches[0].length
-        mask = self_attention_mask(positions, cfg.window, segments, cache_len)
-        return run_layers(g.layers, cfg, x, positions, mask, caches, offset, remat)
+        if caches is None:
+            mask = self_attention_mask(positions, cfg.window, segments)
+        return run_layers(g.layers, cfg, x, positions, mask, caches, remat, write)
 
     def decoder_cross_kv(self, latents: Array) -> list[tuple[Array, Array]]:
         """Per decoder cross-attention layer, keys/values of each latent's k vectors: (B, P, k, KV, hd)."""
@@ -147,18 +149,16 @@ class BLT(nnx.Module):
         proj = dec.patch_embedding_projection(latents).reshape(B, P, self.cfg.cross_attn_k, self.cfg.decoder.dim)
         return [layer.keys_values(proj) for layer in dec.cross_attn_layers]
 
-    def decode(self, h: Array, positions: Array, cross_kv: list, cross_ids: Array, mask: Optional[Array] = None,
-               segments: Optional[Array] = None, caches=None, offset=None, remat: bool = False,
-               contiguous: bool = False):
+    def decode(self, h: Array, positions: Array, cross_kv: list, cross_ids: Array, mask=None,
+               segments: Optional[Array] = None, caches=None, remat: bool = False, contiguous: bool = False):
         """Local decoder: byte states h (B, T, Dd) -> logits (B, T, V) float32.
 
         Position t cross-attends the latent `cross_ids[:, t]` (an index into `cross_kv`'s patch axis).
-        `mask` overrides the causal self-attention mask (BLT-D layouts)."""
+        `mask` overrides the causal self-attention mask (BLT-D layouts); with `caches` it is a `CachedMask`."""
         cfg = self.cfg.decoder
         dec = self.local_decoder
         if mask is None:
-            cache_len = None if caches is None else caches[0].length
-            mask = self_attention_mask(positions, cfg.window, segments, cache_len, contiguous)
+            mask = self_attention_mask(positions, cfg.window, segments, contiguous)
         P = cross_kv[0][0].shape[1]
         ids = jnp.clip(cross_ids, 0, P - 1)[:, :, None, None, None]
         gathered = [(jnp.take_along_axis(ck, ids, axis=1), jnp.take_along_axis(cv, ids, axis=1))
@@ -169,7 +169,7 @@ class BLT(nnx.Module):
             if i == 0 or self.cfg.decoder_cross_attn_all_layers:
                 ck, cv = gathered[i]
                 h = h + dec.cross_attn_layers[i].gathered(h, ck.astype(h.dtype), cv.astype(h.dtype))
-            h, c = run_block(layer, h, rope, mask, None if caches is None else caches[i], offset, remat)
+            h, c = run_block(layer, h, rope, mask, None if caches is None else caches[i], remat)
             new_caches.append(c)
         logits = self.lm_head(dec.norm(h)).astype(jnp.float32)
         return logits, (new_caches if caches is not None else None)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blt_jax.config import EntropyModelConfig
-from blt_jax.model.layers import Block, Embed, Linear, RMSNorm, run_layers, self_attention_mask
+from blt_jax.model.attention import CachedMask, self_attention_mask
+from blt_jax.model.layers import Block, Embed, Linear, RMSNorm, run_layers
 from blt_jax.tokenizer import BOS_ID
 
 
@@ -25,10 +26,10 @@ class EntropyModel(nnx.Module):
         self.lm_head = Linear(s.dim, cfg.vocab_size, ("embed", "vocab"), rngs)
 
     def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None, caches: Optional[list] = None,
-                 offset: Optional[jax.Array] = None, document_masking: bool = True, remat: bool = False,
+                 mask: Optional[CachedMask] = None, document_masking: bool = True, remat: bool = False,
                  dtype=jnp.float32):
         """Logits (B, T, V) in float32. Without caches: a full causal pass over `tokens` (documents never
-        attend each other). With caches: `tokens` is a chunk at `positions`, written at slot `offset`."""
+        attend each other). With caches: `tokens` is a chunk at `positions` meeting them under `mask`."""
         B, T = tokens.shape
         contiguous = positions is None
         if positions is None:
@@ -37,10 +38,8 @@ class EntropyModel(nnx.Module):
         if caches is None:
             seg = jnp.cumsum(tokens == BOS_ID, axis=1) if document_masking else None
             mask = self_attention_mask(positions, window, seg, contiguous=contiguous)
-        else:
-            mask = self_attention_mask(positions, window, cache_len=caches[0].length)
         h = self.embed_tokens(tokens, dtype)
-        h, caches = run_layers(self.layers, self.cfg.stack, h, positions, mask, caches, offset, remat)
+        h, caches = run_layers(self.layers, self.cfg.stack, h, positions, mask, caches, remat)
         logits = self.lm_head(self.norm(h)).astype(jnp.float32)
         return logits, caches
 

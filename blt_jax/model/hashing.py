@@ -41,7 +41,7 @@ def ngram_hash_ids(tokens: jnp.ndarray, n: int, prime: int, vocab: int) -> jnp.n
         raise ValueError(f"hash vocab must lie in [2, 2**23), got {vocab}")
     w = ngram_windows(tokens.astype(jnp.int32), n)  # (B, L, n), each < 2**9
     limbs = jnp.asarray(_power_limbs(prime, n))  # (n, 4), each < 2**16
-    acc = (w[..., :, None] * limbs).sum(axis=-2)  # (B, L, 4); < n * 2**25 <= 2**29 for n <= 16: fits int32
+    acc = (w[..., :, None] * limbs[None, None]).sum(axis=-2)  # (B, L, 4); < n * 2**25 <= 2**29 for n <= 16: fits int32
     # carry-propagate into four exact 16-bit limbs of (sum mod 2**64)
     digits = []
     carry = jnp.zeros_like(acc[..., 0])

@@ -1,4 +1,5 @@
-"""Building blocks shared by every BLT network: linear maps, RMSNorm, RoPE, attention, SwiGLU, KV caches.
+"""Building blocks shared by every BLT network: linear maps, RMSNorm, RoPE, self- and cross-attention
+layers, SwiGLU, pre-norm blocks (the attention computations themselves live in `blt_jax.model.attention`).
 
 Numerics follow transformers' `Blt*` modules (RMSNorm and RoPE in float32, interleaved-pair RoPE, attention
 scale head_dim^-0.5, cross-attention with RMSNorm on queries and keys/values and the double residual).
@@ -8,18 +9,15 @@ onto a device mesh.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from blt_jax.config import StackConfig
+from blt_jax.model.attention import CachedMask, KVCache, attention, cached_attention, init_cache, write_cache
 from blt_jax.sharding import constrain
-
-if TYPE_CHECKING:  # block_attention builds on this module
-    from blt_jax.model.block_attention import BlockDiffusionMask
 
 Array = jax.Array
 
@@ -66,13 +64,14 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+        scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))  # over every leading axis
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """cos/sin (..., T, head_dim) for interleaved-pair RoPE, computed in float32."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
     emb = jnp.repeat(freqs, 2, axis=-1)  # (..., T, head_dim): pairs (2i, 2i+1) share a frequency
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -87,140 +86,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * c + rot * s
 
 
-@flax.struct.dataclass
-class LocalMask:
-    """A sliding-window causal mask over a contiguous sequence (positions 0..S-1), optionally restricted to
-    documents: described, not materialised, so attention can skip the blocks it never needs."""
-
-    segments: Optional[Array]  # (B, S) document ids, or None
-    window: int = flax.struct.field(pytree_node=False)
-
-    def dense(self, S: int, batch: int) -> Array:
-        pos = jnp.broadcast_to(jnp.arange(S)[None, :], (batch, S))
-        return causal_mask(pos, pos, self.window, self.segments, self.segments)
-
-
-CAUSAL_BLOCK = 128  # query block of triangular attention
-
-
-def attention(q: Array, k: Array, v: Array, mask: "Array | LocalMask | BlockDiffusionMask") -> Array:
-    """Scaled dot-product attention with GQA. q (B,T,H,D), k/v (B,S,KV,D); mask (B,T,S) bool, LocalMask, or
-    BLT-D's BlockDiffusionMask (`blt_jax.model.block_attention`).
-
-    The single place self-attention is computed, so a fused kernel can replace it. A LocalMask (a sliding
-    causal window over a training window) never materialises what it masks: over several windows, block-local
-    attention computes S x 2W scores instead of S x S; otherwise query blocks skip the causal upper triangle.
-    Rows with no visible key get a uniform average (as transformers' additive finfo.min masks do); callers
-    never read such rows.
-    """
-    from blt_jax.model import block_attention  # noqa: PLC0415 (it builds on this module)
-
-    if isinstance(mask, block_attention.BlockDiffusionMask):
-        return block_attention.block_diffusion_attention(q, k, v, mask)
-    if isinstance(mask, LocalMask):
-        S = k.shape[1]
-        if S % mask.window == 0 and S >= 2 * mask.window:
-            return _block_local_attention(q, k, v, mask)
-        if S % CAUSAL_BLOCK == 0 and S >= 2 * CAUSAL_BLOCK:
-            return _triangular_attention(q, k, v, mask)
-        mask = mask.dense(S, q.shape[0])
-    return _dense_attention(q, k, v, mask)
-
-
-def _dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """On GPU `jax.nn.dot_product_attention` (cuDNN where it applies); elsewhere explicit batched matmuls
-    (on XLA:CPU 1.3-1.6x faster than the library's generic path)."""
-    if jax.default_backend() == "gpu":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
-    B, T, H, D = q.shape
-    KV = k.shape[2]
-    qt = q.reshape(B, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4)  # (B, KV, g, T, D)
-    kt = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, KV, 1, S, D)
-    vt = v.transpose(0, 2, 1, 3)[:, :, None]
-    probs = _masked_softmax(jnp.matmul(qt, kt.swapaxes(-1, -2)), mask[:, None, None], D).astype(v.dtype)
-    return jnp.matmul(probs, vt).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
-
-
-def _triangular_attention(q: Array, k: Array, v: Array, mask: LocalMask) -> Array:
-    """Causal attention by query blocks: block i reads only the keys its window can reach, up to its end."""
-    B, S = q.shape[:2]
-    pos = jnp.arange(S)
-    outs = []
-    for q0 in range(0, S, CAUSAL_BLOCK):
-        q1 = q0 + CAUSAL_BLOCK
-        lo = max(0, q0 - mask.window + 1) // CAUSAL_BLOCK * CAUSAL_BLOCK
-        qp, kp = pos[q0:q1, None], pos[None, lo:q1]
-        m = jnp.broadcast_to((kp <= qp) & (qp - kp < mask.window), (B, q1 - q0, q1 - lo))
-        if mask.segments is not None:
-            m = m & (mask.segments[:, q0:q1, None] == mask.segments[:, None, lo:q1])
-        outs.append(_dense_attention(q[:, q0:q1], k[:, lo:q1], v[:, lo:q1], m))
-    return jnp.concatenate(outs, axis=1)
-
-
-def _masked_softmax(scores: Array, mask: Array, head_dim: int) -> Array:
-    scores = scores.astype(jnp.float32) * (head_dim ** -0.5)
-    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-
-
-def _block_local_attention(q: Array, k: Array, v: Array, mask: LocalMask) -> Array:
-    """Queries in blocks of W attend their own block and the previous one (all a window-W query can see)."""
-    B, S, H, D = q.shape
-    KV, W = k.shape[2], mask.window
-    nb, g = S // W, H // KV
-
-    def with_previous(x, fill):  # (B, nb, W, ...) -> (B, nb, 2W, ...): [block i-1, block i]
-        prev = jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
-        return jnp.concatenate([prev, x], axis=2)
-
-    qb = q.reshape(B, nb, W, KV, g, D).transpose(0, 1, 3, 4, 2, 5)  # (B, nb, KV, g, W, D)
-    kb = with_previous(k.reshape(B, nb, W, KV, D), 0).transpose(0, 1, 3, 2, 4)[:, :, :, None]  # (B,nb,KV,1,2W,D)
-    vb = with_previous(v.reshape(B, nb, W, KV, D), 0).transpose(0, 1, 3, 2, 4)[:, :, :, None]
-    qi = jnp.arange(W)[:, None] + W  # query j of a block sits at index W + j of its key span
-    ki = jnp.arange(2 * W)[None, :]
-    allowed = (ki <= qi) & (qi - ki < W)  # (W, 2W)
-    allowed = allowed[None, None] & ((jnp.arange(nb) > 0)[:, None, None] | (ki >= W))[None]  # no block -1
-    if mask.segments is not None:
-        seg = mask.segments.reshape(B, nb, W)
-        allowed = allowed & (seg[..., :, None] == with_previous(seg, -1)[..., None, :])
-    probs = _masked_softmax(jnp.matmul(qb, kb.swapaxes(-1, -2)), allowed[:, :, None, None], D).astype(v.dtype)
-    out = jnp.matmul(probs, vb)  # (B, nb, KV, g, W, D)
-    return out.transpose(0, 1, 4, 2, 3, 5).reshape(B, S, H, D)
-
-
-class LayerCache(NamedTuple):
-    """KV cache of one self-attention layer: slot index == position. Stored in the layouts the two attention
-    matmuls read without a transpose (q @ k: k as (D, S); probs @ v: v as (S, D)), so a decode step never
-    copies the whole cache (XLA:CPU would, per layer and step)."""
-
-    k: Array  # (B, KV, D, S_max)
-    v: Array  # (B, KV, S_max, D)
-
-    @property
-    def length(self) -> int:
-        return self.v.shape[2]
-
-
-def write_cache(cache: LayerCache, k: Array, v: Array, offset: Array) -> LayerCache:
-    """Write k/v (B, T, KV, D) at per-row slot `offset` (B,)."""
-    put = lambda c, u, at: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), at)  # noqa: E731
-    new_k = jax.vmap(lambda c, u, i: put(c, u.transpose(1, 2, 0), (0, 0, i)))(cache.k, k, offset)
-    new_v = jax.vmap(lambda c, u, i: put(c, u.swapaxes(0, 1), (0, i, 0)))(cache.v, v, offset)
-    return LayerCache(new_k, new_v)
-
-
-def cached_attention(q: Array, cache: LayerCache, mask: Array) -> Array:
-    """Attention of q (B, T, H, D) over a whole cache (`LayerCache`) under mask (B, T, S), with GQA: explicit
-    batched matmuls on every backend (T is a step or a chunk; the cache stays in its layout)."""
-    B, T, H, D = q.shape
-    KV = cache.v.shape[1]
-    qt = q.reshape(B, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4).reshape(B, KV, (H // KV) * T, D)
-    k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
-    scores = jnp.matmul(qt, k).reshape(B, KV, H // KV, T, -1)
-    probs = _masked_softmax(scores, mask[:, None, None], D).astype(v.dtype).reshape(B, KV, (H // KV) * T, -1)
-    out = jnp.matmul(probs, v).reshape(B, KV, H // KV, T, D)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
-
-
 class SelfAttention(nnx.Module):
     def __init__(self, cfg: StackConfig, rngs: nnx.Rngs):
         d, hd = cfg.dim, cfg.head_dim
@@ -230,16 +95,26 @@ class SelfAttention(nnx.Module):
         self.v_proj = Linear(d, cfg.kv_heads * hd, ("embed", "kv_heads"), rngs, std=d ** -0.5)
         self.o_proj = Linear(cfg.n_heads * hd, d, ("q_heads", "embed"), rngs, std=d ** -0.5)
 
-    def __call__(self, x: Array, rope: tuple[Array, Array], mask: Array,
-                 cache: Optional[LayerCache] = None, offset: Optional[Array] = None):
+    def __call__(self, x: Array, rope: tuple[Array, Array], mask, cache: Optional[KVCache] = None,
+                 write: bool = True):
+        """Without a cache: attention over x itself under `mask` (see `attention.attention`). With one: `mask`
+        is a `CachedMask`; the queries attend the cache and x's own keys, then x's keys are written (or, with
+        `write=False`, returned as a `KVCache` of the chunk for the caller to write: a cache read inside a
+        `lax.cond` and written outside it is updated in place, not copied)."""
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            cache = write_cache(cache, k, v, offset)
-            out = cached_attention(q, cache, mask)
+            out = cached_attention(q, k, v, cache, mask)
+            if write:
+                # The keys are written after every read of the cache; without a data dependence saying so,
+                # XLA's copy insertion keeps the old cache alive with a full copy per step.
+                after = (0.0 * jnp.sum(out, dtype=jnp.float32)).astype(k.dtype)
+                cache = write_cache(cache, k + after, v + after, mask)
+            else:
+                cache = KVCache(k, v)
         else:
             out = attention(q, k, v, mask)
         out = out.reshape(B, T, self.n_heads * self.head_dim)
@@ -265,17 +140,17 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ffn_dim, rngs)
 
-    def __call__(self, x, rope, mask, cache=None, offset=None):
-        h, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, offset)
+    def __call__(self, x, rope, mask, cache=None, write: bool = True):
+        h, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, write)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed")), cache
 
 
-def run_block(block: Block, x, rope, mask, cache=None, offset=None, remat: bool = False):
+def run_block(block: Block, x, rope, mask, cache=None, remat: bool = False, write: bool = True):
     """Apply one block, optionally rematerialised in the backward pass (activation checkpointing)."""
     if not remat:
-        return block(x, rope, mask, cache, offset)
+        return block(x, rope, mask, cache, write)
     graphdef, state = nnx.split(block)
 
     @jax.checkpoint
@@ -342,46 +217,26 @@ class CrossAttention(nnx.Module):
         return self.o_proj(out) + x
 
 
-def causal_mask(q_pos: Array, k_pos: Array, window: Optional[int], q_seg: Optional[Array] = None,
-                k_seg: Optional[Array] = None) -> Array:
-    """(B, T, S) mask: key visible iff k <= q, q - k < window, and in the same segment (document)."""
-    qp = q_pos[:, :, None]
-    kp = k_pos[:, None, :]
-    m = kp <= qp
-    if window is not None:
-        m = m & (qp - kp < window)
-    if q_seg is not None:
-        m = m & (q_seg[:, :, None] == k_seg[:, None, :])
-    return m
-
-
-def run_layers(layers, cfg: StackConfig, x, positions, mask, caches: Optional[list] = None, offset=None,
-               remat: bool = False):
-    """Apply a list of blocks; with `caches`, each layer writes its k/v at `offset` and attends the cache."""
+def run_layers(layers, cfg: StackConfig, x, positions, mask, caches: Optional[list] = None, remat: bool = False,
+               write: bool = True):
+    """Apply a list of blocks; with `caches` (one `KVCache` per layer) and a `CachedMask`, each layer attends its
+    cache and keeps the chunk's keys (`write=False`: returns them instead, see `SelfAttention`)."""
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     new_caches = []
     for i, layer in enumerate(layers):
-        x, c = run_block(layer, x, rope, mask, None if caches is None else caches[i], offset, remat)
+        x, c = run_block(layer, x, rope, mask, None if caches is None else caches[i], remat, write)
         new_caches.append(c)
     return x, (new_caches if caches is not None else None)
 
 
-def self_attention_mask(positions: Array, window: Optional[int], segments: Optional[Array] = None,
-                        cache_len: Optional[int] = None, contiguous: bool = False) -> "Array | LocalMask":
-    """Mask for a chunk of queries at `positions` (B,T): over the chunk itself, or over a KV cache.
-    `contiguous` declares positions == 0..T-1 (training windows), which allows block-local attention."""
-    if cache_len is None:
-        if contiguous and window is not None:
-            return LocalMask(segments, window)
-        return causal_mask(positions, positions, window, segments, segments)
-    slots = jnp.broadcast_to(jnp.arange(cache_len)[None, :], (positions.shape[0], cache_len))
-    return causal_mask(positions, slots, window)
+def init_stack_caches(cfg: StackConfig, batch: int, size: int, dtype=jnp.float32) -> list[KVCache]:
+    """One cache of `size` slots per layer of a stack (see `attention.cache_size`)."""
+    return [init_cache(batch, cfg.kv_heads, cfg.head_dim, size, dtype) for _ in range(cfg.n_layers)]
 
 
-def init_caches(cfg: StackConfig, batch: int, length: int, dtype=jnp.float32) -> list[LayerCache]:
-    k_shape = (batch, cfg.kv_heads, cfg.head_dim, length)
-    v_shape = (batch, cfg.kv_heads, length, cfg.head_dim)
-    return [LayerCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in range(cfg.n_layers)]
+def cached_chunk_mask(cfg: StackConfig, positions: Array, length: Array, n_write: Array) -> CachedMask:
+    """The usual cached call: consecutive positions from `length`, causal within the stack's window."""
+    return CachedMask.causal(positions, length, n_write, cfg.window)
 
 
 def cast_floating(tree: Any, dtype) -> Any:
