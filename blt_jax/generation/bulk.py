@@ -1,0 +1,698 @@
+"""Bulk generation: a continuous batcher over the engine, and JSON Lines files of prompts through it.
+
+`ContinuousBatcher` keeps one live batch of B rows (a `samplers.Carry`) on the device. When a row ends (EOS or
+its budget), its bytes are read and the next waiting prompt is prefilled into that row's slot
+(`samplers.insert_rows`), so the batch stays full instead of waiting for its slowest row. Rows carry their own
+budget, sampling settings and key data, and the shapes are fixed for the whole run (one buffer of S positions per
+row, a few prompt buckets), so nothing recompiles as prompts come and go. A prompt with seed s gets the key data
+of row 0 of `api.generate(model, [prompt], seed=s)`, so its bytes equal that call's.
+
+`generate_file` streams records (`{"id", "prompt"}` plus optional `max_new_bytes`, `temperature`, `top_k`,
+`top_p`, `seed`) from a JSON Lines file or stdin through one batcher and writes one line per record as it
+finishes (or in input order): memory does not depend on the number of records, apart from the set of their ids
+(kept to skip finished records on a rerun and to catch duplicates). Under `jax.distributed` each process takes
+the records whose index is its process index modulo the process count, writes them to its own part file, and
+process 0 merges the parts into the output in input order.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import heapq
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blt_jax.generation import samplers
+from blt_jax.generation.api import cost_record
+from blt_jax.generation.cost import ParamsForCost
+from blt_jax.generation.loaded import LoadedModel
+from blt_jax.generation.samplers import Carry, MethodConfig
+from blt_jax.generation.sampling import SamplingConfig, SamplingRows, row_keys
+from blt_jax.tokenizer import BOE_ID, EOS_ID, decode_bytes, encode
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_POSITIONS = 2048
+SMALLEST_PROMPT_BUCKET = 64
+END = object()  # what a request source returns when it has no more requests
+
+
+# ---- the continuous batcher -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _OneLayout(MethodConfig):
+    """`method` with one engine-state shape for every prompt bucket up to `largest_prompt`.
+
+    An engine state's ring sizes follow the prefill chunk (`MethodConfig.layout`), so a short prompt's prefill
+    would make a carry of another shape than a long one's, and `insert_rows` needs equal shapes. Sizing every
+    state for the largest bucket's chunk lets short prompts still prefill in short chunks (the ring sizes are
+    bookkeeping: values are the same whatever their size)."""
+
+    largest_prompt: int = samplers.PREFILL_CHUNK
+
+    def layout(self, buffer: int, prompt_len: int):
+        return super().layout(buffer, max(prompt_len, self.largest_prompt))
+
+
+def prompt_buckets(largest: int) -> tuple[int, ...]:
+    """Prompt buckets (positions, BOS included) up to `largest`: 64, 128, 256, ... then `largest` itself. A
+    prefill runs in chunks of min(bucket, 256) positions, so doubling keeps padding under half the work."""
+    buckets = []
+    b = SMALLEST_PROMPT_BUCKET
+    while b < largest:
+        buckets.append(b)
+        b *= 2
+    return tuple(buckets) + (largest,)
+
+
+@dataclass
+class Request:
+    """One prompt for the batcher. `key`: its random key data (`sampling.row_keys(seed, 1)[0]` reproduces
+    `api.generate(..., seed=seed)`); `on_bytes`: called with new bytes as they are committed (streaming);
+    `cancelled`: set it (from any thread) to free the row at the next host step."""
+
+    ids: np.ndarray  # BOS + the prompt's byte ids (int32)
+    budget: int
+    sampling: SamplingConfig
+    key: np.ndarray  # (2,) uint32
+    tag: Any = None
+    on_bytes: Optional[Callable[[bytes], None]] = None
+    cancelled: bool = False
+
+
+@dataclass
+class Finished:
+    request: Request
+    ids: np.ndarray  # the generated ids (EOS included when the row stopped there)
+    counts: dict  # the row's cost counters (`api.cost_record`'s input)
+
+    @property
+    def new_bytes(self) -> bytes:
+        return decode_bytes(self.ids)
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's names: "stop" (the model emitted EOS) or "length" (the budget ran out)."""
+        return "stop" if len(self.ids) and int(self.ids[-1]) == EOS_ID else "length"
+
+
+@dataclass
+class _Live:
+    request: Request
+    emitted: int  # tokens already passed to on_bytes (counted from the row's start)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _empty_batch(one: Carry, rows: int) -> Carry:
+    """A live batch of `rows` slots, each a copy of the one-row carry `one` with no budget (done): the slots
+    wait for prompts."""
+    batch = jax.tree.map(lambda a: jnp.repeat(a, rows, axis=0), one)
+    return batch._replace(budget=jnp.zeros_like(batch.budget))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _retire(carry: Carry, slot) -> Carry:
+    """Take a row out of the running (its budget to 0: done), e.g. when its client went away."""
+    return carry._replace(budget=carry.budget.at[slot].set(0))
+
+
+@jax.jit
+def _row(tokens, slot):
+    return tokens[slot]
+
+
+def _greedy_rows(batch: int) -> SamplingRows:
+    return SamplingRows(jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32),
+                        jnp.ones((batch,), jnp.float32))
+
+
+class ContinuousBatcher:
+    """B rows of one method on one device, refilled as rows finish.
+
+    The live batch starts greedy (its sampler compiles to an argmax); the first request that samples turns
+    it into a batch with per-row settings (greedy rows keep temperature 0, so their bytes do not change), which
+    compiles the loop once more (`sampled=True` starts there). `rounds_per_call` bounds the rounds between host
+    steps (None: run until some row finishes); a server bounds it so new requests, cancellations and streamed
+    bytes are seen promptly."""
+
+    def __init__(self, model: LoadedModel, method: MethodConfig, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_positions: int = DEFAULT_MAX_POSITIONS, stop_at_eos: bool = True, allow_specials: bool = False,
+                 sampled: bool = False, rounds_per_call: Optional[int] = None):
+        if model.mesh is not None:
+            raise ValueError("bulk generation runs each process's live batch on one device; load the model "
+                             "without a mesh (under jax.distributed every process takes its own share)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        self.largest_prompt = max_positions - method.lookahead - 1  # leave room for at least one new byte
+        if self.largest_prompt < 2:
+            raise ValueError(f"max_positions: {max_positions} positions leave no room for a prompt and a byte with "
+                             f"method {method.method!r} (it needs {method.lookahead} positions past the text)")
+        self.model = model
+        self.method = _OneLayout(**{f.name: getattr(method, f.name) for f in dataclasses.fields(MethodConfig)},
+                                 largest_prompt=self.largest_prompt)
+        self.batch_size = batch_size
+        self.max_positions = max_positions
+        self.buckets = prompt_buckets(self.largest_prompt)
+        self.stop_at_eos = stop_at_eos
+        self.allow_specials = allow_specials
+        self.rounds_per_call = rounds_per_call or int(jnp.iinfo(jnp.int32).max)
+        self.sampled = sampled  # the live batch carries per-row sampling settings
+        self.peak_rows = 0  # the most rows that ran at once (batches are shared: a server's clients see it)
+
+    def positions_needed(self, prompt_ids: int, budget: int) -> int:
+        """Positions a row takes: its ids (BOS + prompt), the budget and the method's lookahead."""
+        return prompt_ids + budget + self.method.lookahead
+
+    def refusal(self, prompt_ids: int, budget: int) -> Optional[str]:
+        """Why a prompt of `prompt_ids` ids (BOS included) with `budget` cannot run here, or None."""
+        if budget < 1:
+            return f"max_new_bytes: must be >= 1, got {budget}"
+        need = self.positions_needed(prompt_ids, budget)
+        if need > self.max_positions:
+            return (f"the prompt ({prompt_ids - 1} bytes) and max_new_bytes={budget} need {need} positions with method "
+                    f"{self.method.method!r}, more than the {self.max_positions} this run holds per row "
+                    f"(--max-positions)")
+        return None
+
+    # -- device steps --
+
+    def _prefill(self, req: Request) -> Carry:
+        n = len(req.ids)
+        tokens = np.full((1, self.max_positions), BOE_ID, np.int32)
+        tokens[0, :n] = req.ids
+        rows = SamplingRows.of([req.sampling]) if self.sampled else None
+        bucket = next(b for b in self.buckets if b >= n)
+        return samplers.prefill(self.model.spec, self.method, self.model.all_params(), jnp.asarray(tokens),
+                                jnp.asarray([n], jnp.int32), jnp.asarray([req.budget], jnp.int32),
+                                jnp.asarray(req.key[None], jnp.uint32), rows, prompt_len=bucket)
+
+    def _admit(self, carry: Optional[Carry], slot: int, req: Request) -> Carry:
+        if req.sampling.allow_specials != self.allow_specials:
+            raise ValueError("sampling.allow_specials: must be the same for every request of a batcher")
+        if self.refusal(len(req.ids), req.budget):
+            raise ValueError(self.refusal(len(req.ids), req.budget))
+        if not req.sampling.greedy and not self.sampled:
+            self.sampled = True
+            if carry is not None:
+                carry = carry._replace(sampling=_greedy_rows(self.batch_size))
+        one = self._prefill(req)
+        if carry is None:
+            carry = _empty_batch(one, self.batch_size)
+        return samplers.insert_rows(carry, jnp.asarray([slot], jnp.int32), one)
+
+    def _advance(self, carry: Carry) -> Carry:
+        return samplers.advance(self.model.spec, self.method, self.model.all_params(), carry, self.rounds_per_call,
+                                allow_specials=self.allow_specials, stop_at_eos=self.stop_at_eos,
+                                exit_on_finish=True)
+
+    def _new_ids(self, carry: Carry, slot: int, start: int, begin: int, end: int) -> np.ndarray:
+        return np.asarray(_row(carry.state.tokens, slot))[start + begin:start + end]
+
+    # -- the loop --
+
+    def run(self, next_request: Callable[[bool], Any]) -> Iterator[Finished]:
+        """Generate for every request `next_request(wait)` hands out, yielding each as it finishes.
+
+        `next_request(wait)` returns a Request, None (nothing waiting now) or END (no more, ever); it is asked
+        whenever a slot is free, with wait=True when nothing is running (it may then block until a request
+        comes). A cancelled request's row is dropped without a result."""
+        carry: Optional[Carry] = None
+        live: dict[int, _Live] = {}
+        free = list(range(self.batch_size))[::-1]
+        exhausted = False
+        while True:
+            while free and not exhausted:
+                req = next_request(not live)
+                if req is END:
+                    exhausted = True
+                elif req is None:
+                    break
+                elif not req.cancelled:
+                    slot = free.pop()
+                    carry = self._admit(carry, slot, req)
+                    live[slot] = _Live(req, 0)
+            for slot in [s for s, lv in live.items() if lv.request.cancelled]:
+                carry = _retire(carry, slot)
+                del live[slot]
+                free.append(slot)
+            if not live:
+                if exhausted:
+                    return
+                continue
+            self.peak_rows = max(self.peak_rows, len(live))
+            carry = self._advance(carry)
+            length, start, budget, ended = jax.device_get((carry.state.length, carry.start, carry.budget, carry.ended))
+            done = ended | (length - start >= budget)
+            finished = [slot for slot in live if done[slot]]
+            counters = jax.device_get(carry.state.counters) if finished else None
+            for slot, lv in live.items():
+                made = int(length[slot] - start[slot])
+                if lv.request.on_bytes is not None and made > lv.emitted:
+                    lv.request.on_bytes(decode_bytes(self._new_ids(carry, slot, int(start[slot]), lv.emitted, made)))
+                    lv.emitted = made
+            for slot in finished:
+                lv = live.pop(slot)
+                free.append(slot)
+                ids = self._new_ids(carry, slot, int(start[slot]), 0, int(length[slot] - start[slot]))
+                yield Finished(lv.request, ids, {k: int(v[slot]) for k, v in counters.items()})
+
+
+@functools.lru_cache(maxsize=1024)
+def request_key(seed: int, row: int = 0) -> np.ndarray:
+    """The key data `api.generate(..., seed=seed)` gives its row `row`."""
+    return row_keys(seed, 1, first_row=row)[0]
+
+
+def cost_of(finished: Finished, method: str, params: ParamsForCost) -> dict:
+    """`api.cost_record` of a finished row, without wall time (a row's time is shared with its batch, and an
+    output without it is the same on every run)."""
+    cost = cost_record(method, finished.counts, len(finished.ids), params, 0.0)
+    cost.pop("seconds")
+    return cost
+
+
+# ---- JSON Lines records -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a record gets for the fields it leaves out."""
+
+    max_new_bytes: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+
+
+class RecordError(ValueError):
+    """A record that cannot be generated: it gets an error line of its own, the run goes on."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def record_settings(rec: dict, defaults: Defaults) -> tuple[bytes, int, SamplingConfig, int]:
+    """(prompt bytes, budget, sampling, seed) of a record, or RecordError naming the bad field."""
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, str):
+        raise RecordError("prompt: missing" if prompt is None else f"prompt: must be a string, got {prompt!r:.40}")
+    try:
+        data = prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError("prompt: holds a lone surrogate (\\ud800-\\udfff), which has no UTF-8 form") from None
+    if not data:
+        raise RecordError("prompt: is empty; give at least one byte")
+    budget = rec.get("max_new_bytes", defaults.max_new_bytes)
+    if not _is_int(budget) or budget < 1:
+        raise RecordError(f"max_new_bytes: must be an integer >= 1, got {budget!r}")
+    s = defaults.sampling
+    temperature, top_k, top_p = (rec.get("temperature", s.temperature), rec.get("top_k", s.top_k),
+                                 rec.get("top_p", s.top_p))
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise RecordError(f"temperature: must be a finite number >= 0, got {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise RecordError(f"top_k: must be an integer >= 0, got {top_k!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise RecordError(f"top_p: must be a number in (0, 1], got {top_p!r}")
+    seed = rec.get("seed", defaults.seed)
+    if not _is_int(seed) or not -2**63 <= seed < 2**63:
+        raise RecordError(f"seed: must be an integer in [-2**63, 2**63), got {seed!r}")
+    return data, budget, dataclasses.replace(s, temperature=float(temperature), top_k=top_k, top_p=float(top_p)), seed
+
+
+def result_line(id_: Any, finished: Finished, method: str, params: ParamsForCost) -> dict:
+    """The output record of a finished row. `text` is the new bytes as UTF-8; when they are not valid UTF-8 (a
+    byte model may stop inside a character) `text` has U+FFFD there and `bytes_b64` holds the exact bytes."""
+    new = finished.new_bytes
+    out: dict = {"id": id_}
+    try:
+        out["text"] = new.decode("utf-8")
+    except UnicodeDecodeError:
+        out["text"] = new.decode("utf-8", errors="replace")
+        out["bytes_b64"] = base64.b64encode(new).decode("ascii")
+    out["finish_reason"] = finished.finish_reason
+    out["cost"] = cost_of(finished, method, params)
+    return out
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _id_key(id_: Any) -> tuple:
+    return ("id", json.dumps(id_))
+
+
+def _done_key(rec: dict) -> tuple:
+    """What marks an output line's record as finished: its id, or for a record that had no usable id (or a
+    repeated one) its input line."""
+    if "error" in rec and "line" in rec:
+        return ("line", rec["line"])
+    return _id_key(rec["id"])
+
+
+def _split_part_line(line: str) -> tuple[int, str]:
+    index, _, rest = line.partition("\t")
+    return int(index), rest
+
+
+def _read_records(path: Path, indexed: bool) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every complete line of an output (or part) file; a last line without its
+    newline (cut off by a killed run) is not a record and is left out."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                return
+            text = raw.decode("utf-8")
+            if indexed:
+                try:
+                    text = _split_part_line(text)[1]
+                except ValueError:
+                    raise ValueError(f"{path}:{number}: not a part file line of `blt generate --input`") from None
+            yield number, text
+
+
+def done_keys(path: Path, indexed: bool = False) -> set:
+    """The records an existing output (or part) file holds: what a rerun skips."""
+    keys = set()
+    for number, text in _read_records(path, indexed):
+        try:
+            rec = json.loads(text)
+            keys.add(_done_key(rec))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a record written by `blt generate --input`; refusing to add to "
+                             "this file (choose another --output)") from None
+    return keys
+
+
+def drop_cut_off_line(path: Path) -> bool:
+    """Truncate a file to its last complete line (a killed run may have left half a line): that half holds no
+    finished record, and records appended after it would be unreadable. Returns whether it did."""
+    if not path.exists():
+        return False
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return False
+        keep = 0
+        block = 1 << 16
+        pos = size
+        while pos > 0:  # find the last newline, reading backwards
+            pos = max(0, pos - block)
+            f.seek(pos)
+            chunk = f.read(min(block, size - pos))
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = pos + nl + 1
+                break
+        f.truncate(keep)
+    return True
+
+
+class _Writer:
+    """Writes each record's output line as it comes, or (ordered) in input order. Every record index is put
+    exactly once; None means the record has no line here (already done, or another process's)."""
+
+    def __init__(self, f: TextIO, ordered: bool, indexed: bool):
+        self.f, self.ordered, self.indexed = f, ordered, indexed
+        self.next_index = 0
+        self.pending: dict[int, Optional[str]] = {}
+
+    def put(self, index: int, line: Optional[str]) -> None:
+        if not self.ordered:
+            self._write(index, line)
+            return
+        self.pending[index] = line
+        while self.next_index in self.pending:
+            self._write(self.next_index, self.pending.pop(self.next_index))
+            self.next_index += 1
+
+    def _write(self, index: int, line: Optional[str]) -> None:
+        if line is None:
+            return
+        self.f.write(f"{index}\t{line}\n" if self.indexed else line + "\n")
+        self.f.flush()  # a finished record reaches the file now: a killed run loses only rows in flight
+
+
+def _records(source) -> Iterator[tuple[int, int, bytes]]:
+    """(record index, line number in the file, text) of every non-blank line: records are numbered from 0."""
+    index = 0
+    for number, raw in enumerate(source, 1):
+        if raw.strip():
+            yield index, number, raw
+            index += 1
+
+
+def _count_records(path: str) -> Optional[int]:
+    if path == "-":
+        return None
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _open_input(path: str):
+    if path == "-":
+        return sys.stdin.buffer
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--input {path}: no such file")
+    return open(path, "rb")
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
+
+
+def part_path(output: Path, process: int, processes: int) -> Path:
+    return output.with_name(f"{output.name}.part-{process:05d}-of-{processes:05d}")
+
+
+def _parts(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(f"{output.name}.part-*-of-*"))
+
+
+def _merge_parts(output: Path, already: set) -> int:
+    """Append the parts' lines to `output` in input order (each part is in input order: a streaming merge),
+    leaving out records `output` already held, then delete the parts. Returns the lines appended."""
+    parts = _parts(output)
+    files = [open(p, encoding="utf-8") for p in parts]
+    written = 0
+    try:
+        lines = heapq.merge(*[(_split_part_line(line.rstrip("\n")) for line in f if line.endswith("\n"))
+                              for f in files], key=lambda item: item[0])
+        with open(output, "a", encoding="utf-8") as out:
+            for _, text in lines:
+                if _done_key(json.loads(text)) not in already:
+                    out.write(text + "\n")
+                    written += 1
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for f in files:
+            f.close()
+    for p in parts:
+        p.unlink()
+    return written
+
+
+@dataclass
+class _Tally:
+    records: int = 0  # this process's records seen in the input
+    generated: int = 0
+    errors: int = 0
+    skipped: int = 0  # already in the output
+    new_bytes: int = 0
+
+
+def generate_file(model: LoadedModel, input: str, output: str, method: MethodConfig,
+                  batch_size: int = DEFAULT_BATCH_SIZE, max_positions: int = DEFAULT_MAX_POSITIONS,
+                  defaults: Defaults = Defaults(), stop_at_eos: bool = True, ordered: bool = False,
+                  progress: bool = True) -> dict:
+    """Generate for every record of the JSON Lines file `input` ("-": stdin) into `output` ("-": stdout).
+
+    Records already in `output` (an earlier run of the same job) are skipped, so rerunning a killed job
+    continues it. A record that cannot run gets `{"id", "error"}` (plus `"line"` when its id is missing or
+    repeated) and the run goes on. Returns a summary (counts, bytes, seconds)."""
+    processes, me = jax.process_count(), jax.process_index()
+    if processes > 1 and "-" in (input, output):
+        raise ValueError("--input/--output: under jax.distributed every process reads the input and writes a part "
+                         "next to the output; give files on a shared file system, not '-'")
+    if input != "-" and output != "-" and Path(input).resolve() == Path(output).resolve():
+        raise ValueError(f"--output {output}: is the input file")
+    source = _open_input(input)
+    out_path = Path(output)
+    if processes > 1:
+        if me == 0:
+            for p in [out_path, *_parts(out_path)]:
+                drop_cut_off_line(p)
+        _barrier("bulk_generation_repaired")
+    elif output != "-" and drop_cut_off_line(out_path):
+        print(f"blt generate: {output}: dropped a cut-off last line (a record a killed run was writing; it is "
+              "generated again)", file=sys.stderr)
+    in_output = done_keys(out_path) if output != "-" and out_path.exists() else set()
+    done = set(in_output)
+    for p in _parts(out_path) if processes > 1 else []:
+        done |= done_keys(p, indexed=True)
+    if processes > 1:
+        _barrier("bulk_generation_scanned")
+
+    batcher = ContinuousBatcher(model, method, batch_size, max_positions, stop_at_eos=stop_at_eos,
+                                allow_specials=defaults.sampling.allow_specials, sampled=not defaults.sampling.greedy)
+    params = ParamsForCost.of(model.cfg)
+    tally = _Tally()
+    total = _count_records(input)
+    from tqdm import tqdm  # noqa: PLC0415
+
+    bar = tqdm(total=None if total is None else len(range(me, total, processes)), unit="rec", desc="generate",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    if output == "-":
+        sink, close = sys.stdout, False
+    else:
+        sink = open(part_path(out_path, me, processes) if processes > 1 else out_path, "a", encoding="utf-8")
+        close = True
+    writer = _Writer(sink, ordered=ordered or processes > 1, indexed=processes > 1)
+    seen: set = set()
+    lines = _records(source)
+    t0, cpu0 = time.time(), time.process_time()
+
+    def resolve(index: int, line: Optional[str], kind: str) -> None:
+        setattr(tally, kind, getattr(tally, kind) + 1)
+        writer.put(index, line)
+        bar.update(1)
+
+    def next_request(wait: bool):
+        for index, number, raw in lines:
+            mine = index % processes == me
+            try:
+                rec = json.loads(raw)
+            except ValueError as e:
+                rec, error = None, f"not a JSON object ({e})"
+            else:
+                error = None if isinstance(rec, dict) else "not a JSON object"
+            id_ = rec.get("id") if isinstance(rec, dict) else None
+            if error is None and not (isinstance(id_, str) or _is_int(id_)):
+                error = "id: missing" if id_ is None else f"id: must be a string or an integer, got {id_!r:.40}"
+            if error is None and _id_key(id_) in seen:
+                error = f"id: {id_!r:.40} was used by an earlier record"
+            if error is not None:  # no usable id: the record is known by its input line
+                key, line = ("line", number), {"id": id_, "line": number, "error": error}
+            else:
+                seen.add(_id_key(id_))
+                key, line = _id_key(id_), None
+            if not mine:
+                writer.put(index, None)
+                continue
+            tally.records += 1
+            if key in done:
+                resolve(index, None, "skipped")
+                continue
+            if line is not None:
+                resolve(index, _dumps(line), "errors")
+                continue
+            try:
+                data, budget, sampling, seed = record_settings(rec, defaults)
+                ids = encode(data, bos=True)
+                why = batcher.refusal(len(ids), budget)
+                if why:
+                    raise RecordError(why)
+                key_data = request_key(seed)
+            except (RecordError, OverflowError) as e:
+                resolve(index, _dumps({"id": id_, "error": str(e)}), "errors")
+                continue
+            return Request(ids, budget, sampling, key_data, tag=(index, id_))
+        return END
+
+    try:
+        for fin in batcher.run(next_request):
+            index, id_ = fin.request.tag
+            tally.new_bytes += len(fin.new_bytes)
+            resolve(index, _dumps(result_line(id_, fin, method.method, params)), "generated")
+            seconds = time.time() - t0
+            bar.set_postfix_str(f"{tally.new_bytes / max(seconds, 1e-9):,.0f} B/s", refresh=False)
+    finally:
+        bar.close()
+        if close:
+            sink.close()
+        if source is not sys.stdin.buffer:
+            source.close()
+    seconds = time.time() - t0
+    merged = None
+    if processes > 1:
+        _barrier("bulk_generation_written")
+        if me == 0:
+            merged = _merge_parts(out_path, in_output)
+        _barrier("bulk_generation_merged")
+    return {**dataclasses.asdict(tally), "seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
+            "bytes_per_second": tally.new_bytes / seconds if seconds > 0 else None, "process": me,
+            "processes": processes, "merged_lines": merged}
+
+
+# ---- `blt generate --input` ------------------------------------------------------------------------------------
+
+BULK_OPTIONS = ("input", "output", "batch_size", "max_positions", "ordered")  # `blt generate` options of this mode
+
+
+def command(args, *, method: str, draft_len: int, block_size: Optional[int], sampling: SamplingConfig,
+            unmask, stop_at_eos: bool) -> int:
+    """`blt generate --input FILE --output FILE`: the CLI's options -> `generate_file`; a summary on stderr.
+    SIGTERM/SIGINT stop it with every finished record written (exit status 75: run it again to continue)."""
+    import signal  # noqa: PLC0415
+
+    from blt_jax import exit_codes  # noqa: PLC0415
+    from blt_jax.generation import api  # noqa: PLC0415
+
+    if args.input is None:
+        given = [f"--{o.replace('_', '-')}" for o in BULK_OPTIONS if getattr(args, o, None)]
+        raise ValueError(f"{', '.join(given)}: only with --input (bulk generation from a JSON Lines file)")
+    other = [flag for flag, given in (("prompt arguments", args.prompts), ("--file", args.file),
+                                      ("--stdin", args.stdin), ("--one-per-line", args.one_per_line),
+                                      ("--stream", args.stream), ("--json", args.json), ("--sharded", args.sharded))
+             if given]
+    if other:
+        raise ValueError(f"--input: the prompts come from the file (its records are JSON); drop {', '.join(other)}")
+    if method not in samplers.CACHED_METHODS:
+        raise ValueError(f"--method {method}: bulk generation runs the cached methods "
+                         f"({', '.join(samplers.CACHED_METHODS)})")
+    model = api.load(args.checkpoint, dtype=args.dtype)
+    mc = api.method_config(model, method, draft_len, block_size, unmask)
+    output = args.output or "-"
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        summary = generate_file(model, args.input, output, mc, batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+                                max_positions=args.max_positions or DEFAULT_MAX_POSITIONS,
+                                defaults=Defaults(args.max_new_bytes, sampling, args.seed), stop_at_eos=stop_at_eos,
+                                ordered=args.ordered, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"blt generate: stopped; every finished record is in {output}: run the same command again to "
+              "continue", file=sys.stderr)
+        return exit_codes.INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rate = summary["bytes_per_second"]
+    print(f"blt generate: {summary['generated']} generated ({summary['new_bytes']:,} bytes"
+          f"{f', {rate:,.0f} B/s' if rate else ''}), {summary['errors']} with an error line, {summary['skipped']} "
+          f"already in the output" + (f" [process {summary['process']} of {summary['processes']}]"
+                                      if summary["processes"] > 1 else ""), file=sys.stderr)
+    return exit_codes.OK

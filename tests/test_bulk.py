@@ -1,0 +1,207 @@
+"""Bulk generation (`blt generate --input`): every record's output equals `api.generate` for the same prompt,
+settings and seed (greedy and sampled, every method); bad records get error lines and the run goes on; a
+rerun continues a killed job (a cut-off last line is not a record); two processes under `jax.distributed`
+(launch/local.py) write one merged output identical to a single-process run; nothing recompiles as prompts
+come and go.
+
+Compile time dominates here, so the default tests share one small model and one set of shapes (buffer 64,
+one prompt bucket, batch 3); the other methods and the two-process run (which compiles everything again in
+two fresh processes) are slow tests."""
+
+import base64
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blt_jax.cli import main
+from blt_jax.config import get_preset
+from blt_jax.generation import api, bulk, samplers
+from blt_jax.generation.sampling import SamplingConfig
+from blt_jax.tokenizer import encode
+from blt_jax.train import checkpoint as ckpt
+from test_samplers import ALPHABET, random_model
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+BATCH, POSITIONS, SEED = 3, 64, 5  # every record below fits a 64-position row, as api.generate's own bucket
+FLAGS = ["--batch-size", str(BATCH), "--max-positions", str(POSITIONS), "--seed", str(SEED), "--no-progress"]
+
+
+def save_run(model, path: Path) -> str:
+    """A parameters-only run directory for `model` (what `blt convert --params-only` writes)."""
+    ckpt.write_run_meta(path, "blt", dataclasses.replace(get_preset("tiny"), model=model.cfg))
+    ckpt.save_params(path / "params", model.params)
+    ckpt.save_params(path / "entropy_model", model.entropy_params)
+    return str(path)
+
+
+def good_records(n: int, seed: int = 0) -> list[dict]:
+    """Prompts of 1-30 bytes, budgets 3-24, greedy and sampled rows (temperature, top-p, top-k, own seeds)
+    mixed; the first samples, so the live batch has one sampling structure from the start."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        prompt = bytes(rng.choice(list(ALPHABET), size=int(rng.integers(1, 31))).tolist()).decode()
+        rec = {"id": f"r{i}", "prompt": prompt, "max_new_bytes": int(rng.integers(3, 25))}
+        if i % 2 == 0:
+            rec["temperature"] = float(rng.choice([0.7, 1.0, 1.3]))
+            rec.update({"top_p": 0.9} if i % 4 == 0 else {"top_k": 20})
+        if i % 3 == 0:
+            rec["seed"] = int(rng.integers(0, 1000))
+        records.append(rec)
+    return records
+
+
+BAD = [  # (input line, the error's start)
+    ("{not json", "not a JSON object"),
+    ('{"id": "r1", "prompt": "again"}', "id: 'r1' was used by an earlier record"),
+    ('{"id": "neg", "prompt": "x", "max_new_bytes": -4}', "max_new_bytes: must be an integer >= 1"),
+    ('{"id": "nan", "prompt": "x", "temperature": NaN}', "temperature: must be a finite number >= 0"),
+    ('{"id": "nop"}', "prompt: missing"),
+    ('{"prompt": "no id"}', "id: missing"),
+    ('{"id": "long", "prompt": "' + "y" * 60 + '", "max_new_bytes": 8}', "the prompt (60 bytes) and max_new_bytes=8"),
+]
+
+
+def expected(model, rec: dict, method: str = "ar") -> api.GenerationResult:
+    sampling = SamplingConfig(temperature=rec.get("temperature", 0.0), top_k=rec.get("top_k", 0),
+                              top_p=rec.get("top_p", 1.0))
+    return api.generate(model, [rec["prompt"]], max_new_bytes=rec["max_new_bytes"], method=method,
+                        sampling=sampling, seed=rec.get("seed", SEED))[0]
+
+
+def assert_matches(line: dict, want: api.GenerationResult, label: str) -> None:
+    cost = dict(want.cost)
+    cost.pop("seconds")
+    assert line["text"] == want.text, label
+    assert base64.b64decode(line.get("bytes_b64", "")) == (want.new_bytes if "bytes_b64" in line else b""), label
+    assert line["cost"] == cost, label
+    assert line["finish_reason"] == ("stop" if want.token_ids[-1:] == [2] else "length"), label
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A plain random BLT saved as a run, an input of good and bad records, and `blt generate --input` run on
+    it once as it finishes and once in input order. Returns (the model, the run, its folder, the good records)."""
+    base = tmp_path_factory.mktemp("bulk")
+    model = random_model()
+    run = save_run(model, base / "run")
+    records = good_records(10)
+    lines = [json.dumps(r) for r in records[:4]] + [""] + [b for b, _ in BAD] + [json.dumps(r) for r in records[4:]]
+    (base / "in.jsonl").write_text("\n".join(lines) + "\n")
+    for name, extra in (("out.jsonl", []), ("ordered.jsonl", ["--ordered"])):
+        assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output",
+                     str(base / name), *FLAGS, *extra]) == 0
+    return model, run, base, records
+
+
+def test_every_record_equals_api_generate_and_bad_records_get_error_lines(job):
+    model, _, base, records = job
+    out = read_lines(base / "out.jsonl")
+    assert len(out) == len(records) + len(BAD)  # one line per record, the blank line is not one
+    by_id = {o["id"]: o for o in out if "error" not in o}
+    assert set(by_id) == {r["id"] for r in records}
+    for rec in records:
+        assert_matches(by_id[rec["id"]], expected(model, rec), rec["id"])
+    assert len({o["text"] for o in by_id.values()}) > 5, "outputs should differ across records"
+    errors = [o for o in out if "error" in o]
+    assert all(e["error"].startswith(start) for e, (_, start) in zip(errors, BAD, strict=True))
+    assert [e.get("line") for e in errors] == [6, 7, None, None, None, 11, None]  # file lines: id missing or reused
+    assert {e["id"] for e in errors if "line" not in e} == {"neg", "nan", "nop", "long"}
+
+
+def test_ordered_output_is_the_same_records_in_input_order(job):
+    _, _, base, records = job
+    ordered = (base / "ordered.jsonl").read_text().splitlines()
+    assert sorted(ordered) == sorted((base / "out.jsonl").read_text().splitlines())
+    ids = [json.loads(line)["id"] for line in ordered]
+    assert ids == [r["id"] for r in records[:4]] + [None, "r1", "neg", "nan", "nop", None, "long"] + \
+        [r["id"] for r in records[4:]]
+
+
+def test_a_rerun_continues_a_killed_job_without_recompiling(job, capsys):
+    """The first 5 records and half of the 6th line were written when the job died: the rerun drops the
+    cut-off line, keeps the 5, generates the rest once, and compiles nothing new."""
+    _, run, base, _ = job
+    model = api.load(run)  # as the CLI loaded it (the compiled programs are keyed by how parameters are placed)
+    full = (base / "ordered.jsonl").read_text().splitlines(keepends=True)
+    killed = base / "killed.jsonl"
+    killed.write_text("".join(full[:5]) + full[5][:17])
+    caches = [f._cache_size() for f in (samplers.prefill, samplers.advance, samplers.insert_rows)]
+    summary = bulk.generate_file(model, str(base / "in.jsonl"), str(killed), api.method_config(model, "ar"),
+                                 batch_size=BATCH, max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
+                                 ordered=True, progress=False)
+    assert "dropped a cut-off last line" in capsys.readouterr().err
+    assert killed.read_text() == "".join(full)
+    assert (summary["skipped"], summary["generated"] + summary["errors"]) == (5, len(full) - 5)
+    assert [f._cache_size() for f in (samplers.prefill, samplers.advance, samplers.insert_rows)] == caches
+    again = bulk.generate_file(model, str(base / "in.jsonl"), str(killed), api.method_config(model, "ar"),
+                               batch_size=BATCH, max_positions=POSITIONS, progress=False)
+    assert again["skipped"] == len(full) and killed.read_text() == "".join(full)
+
+
+def test_refuses_an_output_it_did_not_write_and_options_without_input(job, capsys):
+    _, run, base, _ = job
+    foreign = base / "notes.jsonl"
+    foreign.write_text("my notes\n")
+    assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(foreign),
+                 *FLAGS]) == 2
+    assert "notes.jsonl:1: not a record written by `blt generate --input`" in capsys.readouterr().err
+    assert foreign.read_text() == "my notes\n"
+    assert main(["generate", "--checkpoint", run, "--batch-size", "4", "abc"]) == 2
+    assert "--batch-size: only with --input" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--method", "d"]) == 2
+    assert "needs a model trained with the diffusion objective" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_output_identical_to_one_process(job, tmp_path):
+    """launch/local.py runs `blt generate --input` in 2 processes joined by jax.distributed: each generates
+    every other record into its part, process 0 merges them in input order and removes the parts."""
+    _, run, base, _ = job
+    out = tmp_path / "out.jsonl"
+    sys.path.insert(0, str(LAUNCH))
+    try:
+        import local  # noqa: PLC0415 (launch/ is not a package: imported from its folder)
+    finally:
+        sys.path.remove(str(LAUNCH))
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        code = local.launch([sys.executable, "-m", "blt_jax", "generate", "--checkpoint", run, "--input",
+                             str(base / "in.jsonl"), "--output", str(out), *FLAGS], 2, 1, timeout=600, out=f)
+    assert code == 0, log.read_text()[-3000:]
+    assert out.read_text() == (base / "ordered.jsonl").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "out.jsonl"]
+    assert "[process 1 of 2]" in log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["s", "d", "dv"])
+def test_every_method_equals_api_generate_under_continuous_batching(method):
+    """BLT-S, BLT-D and BLT-DV through the batcher (3 rows refilled 11 times, greedy and sampled rows mixed,
+    a second prompt bucket) == api.generate of each prompt alone."""
+    model = random_model(block_size=4)
+    mc = api.method_config(model, method)
+    batcher = bulk.ContinuousBatcher(model, mc, batch_size=BATCH, max_positions=96)
+    records = good_records(14, seed=1)
+    records[3]["prompt"] = "abc(), " * 10  # 70 bytes: the second prompt bucket
+    records[3]["max_new_bytes"] = 9
+    requests = iter([bulk.Request(encode(r["prompt"]), r["max_new_bytes"],
+                                  SamplingConfig(r.get("temperature", 0.0), r.get("top_k", 0), r.get("top_p", 1.0)),
+                                  bulk.request_key(r.get("seed", SEED)), tag=r) for r in records])
+    got = {f.request.tag["id"]: f for f in batcher.run(lambda wait: next(requests, bulk.END))}
+    assert len(got) == len(records) and batcher.peak_rows == BATCH
+    for rec in records:
+        want = expected(model, rec, method)
+        assert got[rec["id"]].ids.tolist() == want.token_ids, f"{method} {rec['id']}"
+        cost = dict(want.cost)
+        cost.pop("seconds")
+        assert bulk.cost_of(got[rec["id"]], method, bulk.ParamsForCost.of(model.cfg)) == cost
+
