@@ -1,6 +1,6 @@
 """blt_jax against transformers' BltForCausalLM on the same weights, the same CPU and the same thread count.
 
-Builds transformers' reference test model (hf-blt.md §3.1: 3.4M parameters, random init with seed 0, patcher
+Builds transformers' reference test model (docs/transformers.md §6: 3.4M parameters, random init with seed 0, patcher
 head scaled by 6), converts it with `blt convert --from-hf`, then times, in separate processes pinned with
 `taskset` to 1 and to 2 cores:
   - greedy generation of 128 bytes from the 56-byte prompt at batch 1 and batch 8: transformers'
@@ -46,9 +46,9 @@ def best_of(fn, repeats: int) -> float:
 
 
 def worker_transformers(folder: str, threads: int, repeats: int) -> dict:
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -56,7 +56,7 @@ def worker_transformers(folder: str, threads: int, repeats: int) -> dict:
     for batch in (1, 8):
         ids = torch.tensor([[1] + [b + 4 for b in p] for p in prompts(batch)])
 
-        def gen():
+        def gen(ids=ids):
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=NEW_BYTES, min_new_tokens=NEW_BYTES, do_sample=False,
                                use_cache=False, eos_token_id=None, pad_token_id=0)
@@ -79,29 +79,30 @@ def worker_transformers(folder: str, threads: int, repeats: int) -> dict:
 
 
 def worker_jax(run: str, threads: int, repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
 
-    from blt_jax.generation import api
-    from blt_jax.generation.model import compute_patch_starts
-    from blt_jax.model import build
-    from blt_jax.config import TrainConfig
-    from blt_jax.train.step import init_train_state, make_optimizer, make_step_fns
+    from blt_jax.generation import api  # noqa: PLC0415
+    from blt_jax.generation.forward import compute_patch_starts  # noqa: PLC0415
+    from blt_jax.model import build  # noqa: PLC0415
+    from blt_jax.config import TrainConfig  # noqa: PLC0415
+    from blt_jax.train.step import init_train_state, make_optimizer, make_step_fns  # noqa: PLC0415
 
     model = api.load(run)
     out = {}
     for method in ("ar-nocache", "ar"):  # the faster methods: experiments/generation_ladder.py
         for batch in (1, 8):
             ps = prompts(batch)
-            t = best_of(lambda: api.generate(model, ps, max_new_bytes=NEW_BYTES, method=method, stop_at_eos=False),
+            t = best_of(lambda ps=ps, method=method: api.generate(model, ps, max_new_bytes=NEW_BYTES, method=method,
+                                                                  stop_at_eos=False),
                         repeats)
             out[f"{method}_generate_b{batch}_bytes_per_s"] = batch * NEW_BYTES / t
     rng = np.random.default_rng(0)
     x = rng.integers(4, 260, (TRAIN_BATCH, TRAIN_LEN + 1)).astype(np.int32)
     x[:, 0] = 1
     tokens = jnp.asarray(x[:, :-1])
-    starts = compute_patch_starts(model.spec, model.pytrees(), tokens, jnp.full((TRAIN_BATCH,), TRAIN_LEN))
+    starts = compute_patch_starts(model.spec, model.all_params(), tokens, jnp.full((TRAIN_BATCH,), TRAIN_LEN))
     batch = {"tokens": tokens, "targets": jnp.asarray(x[:, 1:]), "loss_mask": jnp.ones((TRAIN_BATCH, TRAIN_LEN)),
              "patch_starts": starts}
     # static patch slots sized to the batch (rounded up to 64), as transformers sizes its patch axis per batch
@@ -146,8 +147,8 @@ def main() -> None:
         print(json.dumps(worker_jax(args.path, args.threads, args.repeats)))
         return
 
-    import hf_models
-    from blt_jax import convert
+    import hf_models  # noqa: PLC0415
+    from blt_jax import convert  # noqa: PLC0415
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_hf_"))
     hf = hf_models.build(hf_models.variant(), seed=0)

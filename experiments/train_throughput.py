@@ -56,15 +56,9 @@ def synthetic_batch(cfg, seed: int = 0) -> tuple[dict, float]:
     return batch, float(B * S) / float(starts[:, :S].sum())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="quickstart")
-    p.add_argument("--set", action="append", default=[])
-    p.add_argument("--what", choices=("blt", "entropy"), default="blt")
-    p.add_argument("--steps", type=int, default=10)
-    args = p.parse_args()
-    cfg = apply_overrides(get_preset(args.preset), args.set)
-    kind = args.what
+def measure(cfg, kind: str = "blt", steps: int = 10, peak_n: int = 2048) -> dict:
+    """Time `steps` real train steps of `cfg` on synthetic batches after a compiling one; FLOP/s and MFU
+    (against an n = `peak_n` matmul timed after each step)."""
     model_cfg = cfg.model.entropy_model if kind == "entropy" else cfg.model
     tc = cfg.entropy_train if kind == "entropy" else cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
@@ -83,21 +77,22 @@ def main() -> None:
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t
         peaks = []  # measured between steps: on a shared machine both see the same neighbours
-        for _ in range(args.steps):
+        for _ in range(steps):
             t = time.perf_counter()
             state, m = fns.train_step(state, batch)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t)
-            peaks.append(matmul_peak(jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32, repeats=3))
+            peaks.append(matmul_peak(jnp.bfloat16 if tc.compute_dtype == "bfloat16" else jnp.float32, n=peak_n,
+                                     repeats=3))
     step_s = float(np.median(times))
     bytes_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_byte = flops.train_flops_per_byte(model_cfg, cfg.data.seq_len, patch_len)
     peak = max(peaks)  # one device's
     achieved = flops_per_byte * bytes_per_step / step_s
-    paired = [flops_per_byte * bytes_per_step / t / p for t, p in zip(times, peaks)]
+    paired = [flops_per_byte * bytes_per_step / t / p for t, p in zip(times, peaks, strict=True)]
     n = jax.device_count()
     chip_peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
-    print(json.dumps({
+    return {
         "preset": cfg.name, "what": kind, "device": str(jax.devices()[0].device_kind), "devices": n,
         "mesh": dict(mesh.shape), "compute_dtype": tc.compute_dtype, "batch": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len, "remat": tc.remat, "mean_patch_length": patch_len,
@@ -107,7 +102,17 @@ def main() -> None:
         "mfu_vs_measured_peak": achieved / (peak * n),  # median step time against the best peak seen
         "mfu_paired_median": float(np.median(paired)) / n,  # each step against the peak measured right after it
         "mfu_vs_chip_peak": achieved / (chip_peak * n) if chip_peak else None,
-    }, indent=2))
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quickstart")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--what", choices=("blt", "entropy"), default="blt")
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    print(json.dumps(measure(apply_overrides(get_preset(args.preset), args.set), args.what, args.steps), indent=2))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ entropy model + BLT on it, built once per test session."""
 import sysconfig
 from pathlib import Path
 
+import jax
 import pytest
 
 from blt_jax import prepare
@@ -11,6 +12,10 @@ from blt_jax.config import apply_overrides, get_preset
 from blt_jax.train.loop import train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+# Broadcasting between arrays of different rank must be written out ([None], [:, None], reshape): an implicit
+# rank promotion is an error in every test (the library runs with JAX's default, "allow").
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def tiny_config(root: str, *overrides: str):

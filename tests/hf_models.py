@@ -1,4 +1,4 @@
-"""Small random-init transformers `BltForCausalLM` models, built offline with fixed seeds (hf-blt.md §3.1)."""
+"""Small random-init transformers `BltForCausalLM` models, built offline with fixed seeds (docs/transformers.md §6)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def variant(**changes) -> dict:
 
 def build(cfg: dict, seed: int = 0, patcher_scale: float = 6.0):
     """A random-init model; the patcher head is scaled so its entropies straddle the threshold."""
-    import torch
-    from transformers import AutoModelForCausalLM, BltConfig
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, BltConfig  # noqa: PLC0415
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(BltConfig(**cfg), attn_implementation="sdpa").eval()
@@ -63,7 +63,7 @@ def prompt_ids(prompt: bytes = PROMPT) -> np.ndarray:
 
 def hf_forward(model, ids: np.ndarray):
     """(logits, patch lengths) from transformers, float32."""
-    import torch
+    import torch  # noqa: PLC0415
 
     with torch.no_grad():
         t = torch.as_tensor(ids)
@@ -79,7 +79,7 @@ def hf_forward(model, ids: np.ndarray):
 
 def hf_greedy(model, ids: np.ndarray, n: int) -> np.ndarray:
     """transformers' generate(use_cache=False), greedy, exactly n new tokens."""
-    import torch
+    import torch  # noqa: PLC0415
 
     with torch.no_grad():
         out = model.generate(torch.as_tensor(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,

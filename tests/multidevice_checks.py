@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from blt_jax import model as model_lib, sharding
+from blt_jax import cli, model as model_lib, sharding
 from blt_jax.config import MeshConfig, get_preset
 from blt_jax.generation import api
 from blt_jax.train import checkpoint as ckpt
@@ -98,7 +98,7 @@ def test_sharded_train_steps_match_one_device_and_restore_onto_fewer_devices(tmp
     step, restored = ckpt.restore(mngr, small_placement.abstract)
     mngr.close()
     assert step == 2
-    for a, b in zip(written, jax.tree.leaves(restored)):
+    for a, b in zip(written, jax.tree.leaves(restored), strict=True):
         assert b.sharding.mesh.size == 4
         np.testing.assert_array_equal(a, np.asarray(b))
     _, small_third = small_run(restored, batch, 1)
@@ -118,13 +118,12 @@ def test_sharded_generation_gives_the_same_bytes():
     # BLT-S: drafts, verification and cache rollback, on caches split over the batch
     plain = api.generate(model, prompts, max_new_bytes=40, method="s", stop_at_eos=False)
     split = api.generate(sharded, prompts, max_new_bytes=40, method="s", stop_at_eos=False)
-    for p, q in zip(plain, split):
+    for p, q in zip(plain, split, strict=True):
         assert q.token_ids == p.token_ids
         assert len(p.token_ids) == 40
 
 
 def test_aot_reports_per_device_memory(capsys):
-    from blt_jax import cli
 
     assert cli.main(["aot", "--preset", "tiny", "--set", "model.patching.mode=static",
                      "--set", "data.batch_size=8"]) == 0

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from blt_jax import prepare, sharding
+from blt_jax import distributed, prepare, sharding
 from blt_jax.aot import tpu_topology_args
 from blt_jax.config import MESH_AXES, ConfigError, MeshConfig, apply_overrides, get_preset
 from blt_jax.distributed import DistributedConfig, DistributedError
@@ -118,8 +118,6 @@ def test_distributed_settings_are_complete_or_refused(monkeypatch):
 
 
 def _initialize_in_child(queue):
-    from blt_jax import distributed
-
     # a complete multi-process setting that would block for a missing peer, were the guard not there
     cfg = DistributedConfig(coordinator="127.0.0.1:9", num_processes=2, process_id=0, initialization_timeout=5)
     queue.put(distributed.initialize(cfg))
