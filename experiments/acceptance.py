@@ -1,6 +1,6 @@
 """Acceptance trends: BLT-S acceptance against the draft length k, BLT-DV acceptance against the block size B.
 
-    python experiments/acceptance.py                     # the scaling-l runs of experiments/scaling.py
+    python experiments/acceptance.py                     # the cpu-xl runs of experiments/scaling.py
     python experiments/acceptance.py --size fast-blt-1b --workdir /gcs/BUCKET/experiments
 
 BLT-S drafts k bytes with the decoder alone and verifies them in one full pass (on `<size>/entropy/run`);
@@ -41,7 +41,7 @@ def measure(model, prompts, new_bytes: int, **kwargs) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="scaling-l")
+    p.add_argument("--size", default="cpu-xl")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     p.add_argument("--draft-lens", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--blocks", type=int, nargs="+", default=[4, 8, 16])

@@ -18,7 +18,7 @@ from blt_jax.data import store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_WORKDIR = "runs/experiments"
-EXPERIMENT_TRAIN_BYTES = 3_000_000  # the embedded corpus's training split is capped (as the quickstart's)
+EXPERIMENT_TRAIN_BYTES = None  # the embedded corpus's whole training split (the quickstart caps it at 3 MB)
 
 
 def enable_compilation_cache(workdir: str | Path = DEFAULT_WORKDIR) -> None:
@@ -29,10 +29,29 @@ def enable_compilation_cache(workdir: str | Path = DEFAULT_WORKDIR) -> None:
 
 
 def environment() -> dict:
-    """The machine a result came from (it goes into every JSON)."""
+    """The machine and the code a result came from (it goes into every JSON)."""
     return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "devices": jax.device_count(), "cpus": os.cpu_count(), "jax": jax.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "blt_jax": library_version()}
+
+
+def library_version() -> str:
+    """The commit of the blt_jax that runs: a snapshot's COMMIT file (see experiments/README.md: long runs
+    import a snapshot, so edits in the working tree cannot change them midway), else the checkout's HEAD,
+    marked `+modified` when blt_jax/ differs from it."""
+    import subprocess  # noqa: PLC0415
+
+    import blt_jax  # noqa: PLC0415
+
+    package = Path(blt_jax.__file__).resolve().parent
+    if (package / "COMMIT").exists():
+        return (package / "COMMIT").read_text().strip() + " (snapshot)"
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=package, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("+modified" if git("status", "--porcelain", ".") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def run_dir(workdir: str | Path, size: str, variant: str) -> Path:
@@ -72,6 +91,8 @@ def ensure_store(cfg: RunConfig, workdir: str | Path, store_root: Optional[str] 
         manifest = prepare.prepare_corpus(root, max_train_bytes=EXPERIMENT_TRAIN_BYTES)
     if not (entropy_run / "done.json").exists():
         summary = train("entropy", with_store(cfg, root), entropy_run, progress=False)
+        if summary["interrupted"]:  # saved at a checkpoint: a rerun resumes it (never taken for finished)
+            raise SystemExit(f"{entropy_run}: interrupted at step {summary['step']}; rerun to resume")
         (entropy_run / "done.json").write_text(json.dumps(summary, indent=2, default=float))
     manifest = store.read_manifest(root)
     if manifest.get("entropy_run") != str(entropy_run.absolute()) or manifest.get("patching_threshold") is None:

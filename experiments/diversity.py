@@ -1,7 +1,7 @@
 """Generation diversity (Fast BLT Fig. 8 style): entropy-bounded unmasking gamma x top-p, word type-token
 ratio against decoder NFEs.
 
-    python experiments/diversity.py                    # the scaling-l BLT-D-4 run of experiments/scaling.py
+    python experiments/diversity.py                    # the cpu-xl BLT-D-4 run of experiments/scaling.py
     python experiments/diversity.py --size fast-blt-3b --block 4 --new-bytes 1000 --workdir /gcs/BUCKET/experiments
 
 The paper samples from BOS; our samplers need at least one prompt byte, so every sample starts from a newline
@@ -37,7 +37,7 @@ def correlation(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="scaling-l")
+    p.add_argument("--size", default="cpu-xl")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     p.add_argument("--block", type=int, default=4, choices=(4, 8, 16))
     p.add_argument("--gammas", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])

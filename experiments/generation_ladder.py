@@ -138,7 +138,8 @@ def markdown(sections: dict[str, list[dict]]) -> str:
                   "Eq.8 GB/seq | Eq.8 cut | wall cut | realised |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['name']} | {r['batch']} | {r['bytes_per_s']:,.0f} | {fmt(r.get('speed_vs_ar'), '.2f')} | "
+            lines.append(f"| {r['name']} | {r['batch']} | {r['bytes_per_s']:,.0f} | "
+                         f"{fmt(r.get('speed_vs_ar'), '.2f')} | "
                          f"{r['decoder_nfe_per_byte']:.3f} | {r['global_nfe_per_byte']:.3f} | "
                          f"{fmt(r['acceptance'], '.2f')} | {fmt(r['eq8_gb_per_seq'], '.4f')} | "
                          f"{fmt(r.get('eq8_reduction'), '.1%')} | {fmt(r.get('wall_reduction'), '.1%')} | "
@@ -188,7 +189,7 @@ def device_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 def roofline(args) -> dict:
     from blt_jax.config import get_preset  # noqa: PLC0415
-    from blt_jax.generation.model import from_params  # noqa: PLC0415
+    from blt_jax.generation.loaded import from_params  # noqa: PLC0415
     from blt_jax.model import build, param_counts  # noqa: PLC0415
 
     cfg = get_preset(args.roofline).model
@@ -209,8 +210,8 @@ def roofline(args) -> dict:
         prompts = prompt * batch
         methods = (("ar", dict(method="ar")), ("ar-nocache", dict(method="ar-nocache")))
         for name, kwargs in methods[:2 if batch == 1 else 1]:  # no-cache: batch 1 only (it is the slow one)
-            secs, results = best_of(lambda: api.generate(model, prompts, max_new_bytes=args.new_bytes,
-                                                         stop_at_eos=False, **kwargs), args.repeats)
+            secs, results = best_of(lambda prompts=prompts, kwargs=kwargs: api.generate(
+                model, prompts, max_new_bytes=args.new_bytes, stop_at_eos=False, **kwargs), args.repeats)
             per_step = secs / args.new_bytes
             floor = per_byte / (bw * 1e9)
             row = {"name": name, "batch": batch, "seconds_per_step": per_step, "roofline_seconds_per_step": floor,

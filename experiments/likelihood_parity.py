@@ -1,7 +1,7 @@
 """Likelihood parity (Fast BLT Tables 1-2 style): BLT-D models scored as causal decoders, next to the BLT
 trained on the same FLOPs.
 
-    python experiments/likelihood_parity.py                  # the scaling-l runs of experiments/scaling.py
+    python experiments/likelihood_parity.py                  # the cpu-xl runs of experiments/scaling.py
     python experiments/likelihood_parity.py --size fast-blt-1b --workdir /gcs/BUCKET/experiments
 
 Models: `<workdir>/<size>/{entropy,d-4,d-8,d-16}/run`. Benchmarks (all offline; likelihood scoring through the
@@ -38,7 +38,7 @@ def heldout_files_by_kind() -> dict[str, list[Path]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="scaling-l")
+    p.add_argument("--size", default="cpu-xl")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--items", type=int, default=200, help="multiple-choice items per task")
