@@ -190,6 +190,8 @@ def report() -> None:
                 lines += [f"Aggregate bytes/s at batch 32 / batch 1: {b32['bytes_per_s'] / b[0]['bytes_per_s']:.2f}x.",
                           ""]
         if res.get("methods"):
+            lines += ["Methods (BLT-D-8 quickstart model, short Python prompts): bytes/s of whole `api.generate` "
+                      "calls, the prompt's prefill included.", ""]
             lines += ["| batch | setting | bytes/s | x ar | decoder calls/byte | global calls/byte | Eq. 8 cut "
                       "| share of the cut realised |", "|---|---|---|---|---|---|---|---|"]
             for r in res["methods"]:
