@@ -178,6 +178,16 @@ def ar_round(r: Round, c: Carry, active):
     return c._replace(state=st), nxt[:, None], n
 
 
+def _verify_round(r: Round, c: Carry, st, chunk, active, paper_decoder_calls):
+    """The end of a speculative round: one pass verifies chunk (the verifier's byte, then the draft), counted
+    as the paper counts a round (two encoder/global passes)."""
+    n = jnp.minimum(chunk.shape[1], _remaining(c, active))
+    st, kept, accepted = _verify(r, c, st, chunk, n)
+    st = _count(st, active, drafted=jnp.maximum(n - 1, 0), accepted=accepted,
+                paper_decoder_calls=paper_decoder_calls, paper_global_calls=2)
+    return c._replace(state=st), chunk, kept
+
+
 def speculative_round(r: Round, c: Carry, active):
     """BLT-S: refresh the latest latent with the verifier's byte, draft k bytes, verify."""
     k = r.method.draft_len
@@ -196,11 +206,7 @@ def speculative_round(r: Round, c: Carry, active):
         return st, chunk.at[:, j + 1].set(r.choose(c, lg, L + j + 1))
 
     st, chunk = jax.lax.fori_loop(1, k, draft, (st, chunk))
-    n = jnp.minimum(k + 1, _remaining(c, active))
-    st, kept, accepted = _verify(r, c, st, chunk, n)
-    st = _count(st, active, drafted=jnp.maximum(n - 1, 0), accepted=accepted, paper_decoder_calls=k + 1,
-                paper_global_calls=2)
-    return c._replace(state=st), chunk, kept
+    return _verify_round(r, c, st, chunk, active, paper_decoder_calls=k + 1)
 
 
 def diffusion_verify_round(r: Round, c: Carry, active):
@@ -218,11 +224,7 @@ def diffusion_verify_round(r: Round, c: Carry, active):
     masked = jnp.ones((B, Bk), bool) & active[:, None]
     st, cells, passes = _denoise_block(r, c, st, cells, masked, logits[:, 1:], L + 1, patch, active)
     chunk = jnp.concatenate([first[:, None], cells], axis=1)
-    n = jnp.minimum(Bk + 1, _remaining(c, active))
-    st, kept, accepted = _verify(r, c, st, chunk, n)
-    st = _count(st, active, drafted=jnp.maximum(n - 1, 0), accepted=accepted, paper_decoder_calls=passes + 2,
-                paper_global_calls=2)
-    return c._replace(state=st), chunk, kept
+    return _verify_round(r, c, st, chunk, active, paper_decoder_calls=passes + 2)
 
 
 def diffusion_round(r: Round, c: Carry, active):
