@@ -87,6 +87,7 @@ def test_blt_dv_drafts_a_whole_block_and_gains_up_to_b_plus_one():
     assert r.cost["paper_global_calls"] == 2 * r.cost["rounds"]
 
 
+@pytest.mark.slow
 def test_bfloat16_generation_runs_in_bfloat16(plain):
     """`astype("bfloat16")` casts the weights once; the caches follow; the next-byte distributions after a
     prompt stay close to float32's (total variation < 0.05; the same argmax)."""
@@ -106,6 +107,7 @@ def test_bfloat16_generation_runs_in_bfloat16(plain):
     assert (probs[0].argmax(-1) == probs[1].argmax(-1)).all()
 
 
+@pytest.mark.slow
 def test_advance_compiles_once_for_any_round_count(plain):
     mc = samplers.MethodConfig("ar")
     carry = _prefilled(plain, b"abc", mc)

@@ -130,7 +130,7 @@ def test_blt_d_runs_blocks_and_counts_calls():
 
 
 @pytest.mark.parametrize("method,kwargs", [pytest.param("ar", {}, marks=pytest.mark.slow), ("s", {"draft_len": 5}),
-                                           ("d", {"block_size": 4})])
+                                           pytest.param("d", {"block_size": 4}, marks=pytest.mark.slow)])
 def test_streaming_yields_what_generate_returns(plain, method, kwargs):
     m = random_model(block_size=4, seed=6) if method == "d" else plain
     prompt = b"def f(x):"
