@@ -38,6 +38,7 @@ def test_eval_reports_bpb_and_unigram_baseline(tiny_runs, capsys):
     assert 0 < result["bits_per_byte"] < result["unigram_bits_per_byte"]
 
 
+@pytest.mark.slow
 def test_generate_json_matches_the_api(tiny_runs, capsys):
     run = str(tiny_runs[3])
     assert main(["generate", "--checkpoint", run, "--max-new-bytes", "8", "--json", "--method", "s",

@@ -37,6 +37,7 @@ def manual_greedy(model, prompt: str, n: int) -> bytes:
     return decode_bytes(ids[len(encode(prompt)):])
 
 
+@pytest.mark.slow
 def test_batched_padded_greedy_equals_step_by_step_loop(model):
     results = api.generate(model, PROMPTS, max_new_bytes=12)
     for prompt, r in zip(PROMPTS, results, strict=True):
