@@ -43,6 +43,9 @@ from blt_jax.patching import PatchCarry, chunk_start_flags
 COUNTERS = ("decoder_calls", "encoder_calls", "global_calls", "entropy_calls", "drafted", "accepted", "rounds",
             "paper_decoder_calls", "paper_global_calls")
 
+# chunks with up to this many patch positions (a round's block or draft, + 1) get the small global buckets
+BUCKETED_SLOTS = 32
+
 # bytes a closing patch is assumed to span when the model sets no max_patch_length; a longer one is pooled
 # from the whole buffer (a rare fallback)
 POOL_BOUND = 32
@@ -214,6 +217,15 @@ def _pool(blt, state: EngineState, lo, hi, end, slots: int, width: int):
     return blt.pool_patches(h, jnp.where(member, ids - lo[:, None], slots), slots)
 
 
+def slot_buckets(slots: int) -> tuple[int, ...]:
+    """The patch-position counts `_latents` may run the global model on (the smallest that fits is used): a
+    round's chunk (at most a block or a draft, + 1) usually closes one or two patches; a prefill chunk closes
+    many, so it gets no smaller buckets (each is one more global model to compile)."""
+    if slots > BUCKETED_SLOTS:
+        return (slots,)
+    return tuple(b for b in (1, 2, 4) if b < slots) + (slots,)
+
+
 def compacted_rows(batch: int) -> int:
     """Rows the byte step's global model runs on when few rows close a patch (see `_latents`)."""
     return batch if batch < 4 else -(-batch // 3)
@@ -223,8 +235,9 @@ def _latents(spec: ModelSpec, blt, state: EngineState, lo, hi, end, slots: int, 
              compact: bool = False):
     """Pool + global step for patches [lo, hi) (per row, hi - lo <= slots, all of them ending before `end`),
     written into the global and cross caches at their patch slots. Runs only when some row has a patch to
-    do. Pooling reads the last `chunk` + max_patch_length bytes before `end` (an unbounded patch longer than
-    POOL_BOUND falls back to the whole buffer).
+    do, and over the fewest patch positions (`slot_buckets`) that hold every row's. Pooling reads the last
+    `chunk` + max_patch_length bytes before `end` (an unbounded patch longer than POOL_BOUND falls back to the
+    whole buffer).
 
     `compact` (the one-byte step): rows close patches at different steps, so in a batch some row closes one
     at almost every step; running the global model over every row would multiply its work by the mean patch
@@ -241,9 +254,9 @@ def _latents(spec: ModelSpec, blt, state: EngineState, lo, hi, end, slots: int, 
     mask = cached_chunk_mask(cfg.global_model, positions, lo, n_new)
     B = lo.shape[0]
 
-    def run(_):  # reads the caches; the writes happen below, outside the cond, so they stay in place
+    def run(size):  # reads the caches; the writes happen below, outside the cond, so they stay in place
         def pool(w):
-            return lambda: _pool(blt, state, lo, hi, end, slots, w)
+            return lambda: _pool(blt, state, lo, hi, end, size, w)
 
         if cfg.patching.max_patch_length is None and width < R:  # unbounded patches: is the window enough?
             first = end - width  # every byte of patch lo must lie at or after it
@@ -251,11 +264,13 @@ def _latents(spec: ModelSpec, blt, state: EngineState, lo, hi, end, slots: int, 
             pe = jax.lax.cond(jnp.any(spills), pool(R), pool(width))
         else:
             pe = pool(width)()
+        pos = positions[:, :size]
+        size_mask = cached_chunk_mask(cfg.global_model, pos, lo, n_new)
 
         def global_step(rows):  # rows: indices of the rows to run (None: all)
             take = (lambda x: x) if rows is None else (lambda x: x[rows])
-            latents, new_kv = blt.global_latents(take(pe), take(positions), caches=jax.tree.map(take, state.global_kv),
-                                                 mask=jax.tree.map(take, mask), write=False)
+            latents, new_kv = blt.global_latents(take(pe), take(pos), caches=jax.tree.map(take, state.global_kv),
+                                                 mask=jax.tree.map(take, size_mask), write=False)
             out = (new_kv, blt.decoder_cross_kv(latents))
             if rows is None:
                 return out
@@ -263,9 +278,12 @@ def _latents(spec: ModelSpec, blt, state: EngineState, lo, hi, end, slots: int, 
 
         K = compacted_rows(B)
         if not compact or K >= B:
-            return global_step(None)
-        rows = jnp.argsort(jnp.where(do, 0, 1), stable=True)[:K]  # the rows with a patch to do come first
-        return jax.lax.cond(jnp.sum(do) <= K, lambda: global_step(rows), lambda: global_step(None))
+            out = global_step(None)
+        else:
+            rows = jnp.argsort(jnp.where(do, 0, 1), stable=True)[:K]  # the rows with a patch to do come first
+            out = jax.lax.cond(jnp.sum(do) <= K, lambda: global_step(rows), lambda: global_step(None))
+        # back to `slots` patch positions (the slots past `size` hold no patch and are never written)
+        return jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, slots - size)] + [(0, 0)] * (x.ndim - 2)), out)
 
     g = cfg.global_model
     dec = cfg.decoder
@@ -274,7 +292,13 @@ def _latents(spec: ModelSpec, blt, state: EngineState, lo, hi, end, slots: int, 
     cross_shape = (B, slots, cfg.cross_attn_k, dec.kv_heads, dec.head_dim)
     nothing = ([KVCache(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)) for _ in state.global_kv],
                [(jnp.zeros(cross_shape, dtype), jnp.zeros(cross_shape, dtype)) for _ in state.cross_kv])
-    new_kv, new_cross = jax.lax.cond(jnp.any(do), run, lambda _: nothing, None)
+    # the global model's cost grows with the patch positions it runs (small matmuls on CPU most of all), and
+    # a chunk of T bytes usually closes one or two patches: run the smallest bucket that holds every row's new
+    # patches
+    buckets = slot_buckets(slots)
+    most = jnp.max(n_new)
+    branch = jnp.where(most == 0, 0, 1 + jnp.sum(jnp.asarray(buckets) < most))
+    new_kv, new_cross = jax.lax.switch(branch, [lambda: nothing] + [lambda s=s: run(s) for s in buckets])
     gkv = [write_cache(c, kv.k, kv.v, mask) for c, kv in zip(state.global_kv, new_kv, strict=True)]
     Rx = state.cross_kv[0][0].shape[1]
     keep = jnp.arange(slots)[None, :] < n_new[:, None]
