@@ -254,7 +254,7 @@ def _latents(spec: ModelSpec, blt, state: EngineState, lo, hi, end, slots: int, 
     mask = cached_chunk_mask(cfg.global_model, positions, lo, n_new)
     B = lo.shape[0]
 
-    def run(size):  # reads the caches; the writes happen below, outside the cond, so they stay in place
+    def run(size):  # reads the caches; the writes happen below, outside the switch, so they stay in place
         def pool(w):
             return lambda: _pool(blt, state, lo, hi, end, size, w)
 
