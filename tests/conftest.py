@@ -18,6 +18,15 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Free each test module's compiled programs when it ends. Every XLA:CPU kernel keeps three memory maps
+    while its program lives (a generation program has ~500 kernels), and one process may hold at most
+    vm.max_map_count maps (65,530 by default on Linux): past it, compiling fails and the process dies."""
+    yield
+    jax.clear_caches()
+
+
 def tiny_config(root: str, *overrides: str):
     return apply_overrides(get_preset("tiny"), [f"data.path={root}", *overrides])
 

@@ -14,7 +14,7 @@ from blt_jax import model as model_lib
 from blt_jax.config import BLTConfig, get_preset
 from blt_jax.generation.forward import compute_patch_starts, forward
 from blt_jax.generation.loaded import from_params
-from blt_jax.model.attention import LocalMask, attention, causal_mask
+from blt_jax.model.attention import CachedMask, KVCache, LocalMask, attention, cached_attention, causal_mask
 from blt_jax.model.layers import cached_chunk_mask, cast_floating, init_stack_caches
 from blt_jax.objectives import blt_loss
 from blt_jax.patching import patch_ids
@@ -56,6 +56,30 @@ def test_windowed_attention_paths_equal_dense(kv_heads, with_segments, S, W):
     dense = attention(q, k, v, causal_mask(pos, pos, W, seg, seg))
     local = attention(q, k, v, LocalMask(seg, W))
     chex.assert_trees_all_close(local, dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [(10, 40, 3, 60), (10, 150, 3, 290)])  # prefix 64, and the whole cache
+def test_cached_attention_of_some_rows_reads_their_prefix_only(lengths):
+    """A compacted step's queries (rows [3, 1] of a 4-row cache of 300 unwindowed slots) attend exactly their
+    own row's keys before its length and their chunk's own keys, whichever power-of-two prefix is read."""
+    B, R, T, H, KV, D = 4, 300, 2, 4, 2, 8
+    keys = jax.random.split(jax.random.key(3), 5)
+    ck, cv = jax.random.normal(keys[0], (B, R, KV, D)), jax.random.normal(keys[1], (B, R, KV, D))
+    rows = jnp.asarray([3, 1])
+    q = jax.random.normal(keys[2], (2, T, H, D))
+    kn, vn = jax.random.normal(keys[3], (2, T, KV, D)), jax.random.normal(keys[4], (2, T, KV, D))
+    length = jnp.asarray(lengths)[rows]
+    q_pos = length[:, None] + jnp.arange(T)[None, :]
+    mask = CachedMask.causal(q_pos, length, jnp.full((2,), T), None).replace(rows=rows)
+    cache = KVCache(ck.transpose(0, 2, 3, 1), cv.transpose(0, 2, 1, 3))
+    got = jax.jit(cached_attention)(q, kn, vn, cache, mask)
+    for i, r in enumerate(rows.tolist()):
+        n = lengths[r]
+        k = jnp.concatenate([ck[r, :n], kn[i]])[None]
+        v = jnp.concatenate([cv[r, :n], vn[i]])[None]
+        pos = jnp.arange(n + T)[None]
+        want = attention(q[i:i + 1], k, v, causal_mask(pos[:, n:], pos, None))
+        chex.assert_trees_all_close(got[i:i + 1], want, atol=1e-5)
 
 
 # ---- pooling --------------------------------------------------------------------------------------------------

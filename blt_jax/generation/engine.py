@@ -219,10 +219,11 @@ def _pool(blt, state: EngineState, lo, hi, end, slots: int, width: int):
 
 def slot_buckets(slots: int) -> tuple[int, ...]:
     """The patch-position counts `_latents` may run the global model on (the smallest that fits is used): a
-    round's chunk (at most a block or a draft, + 1) usually closes one or two patches; a prefill chunk closes
-    many, so it gets no smaller buckets (each is one more global model to compile)."""
+    round's chunk (at most a block or a draft, + 1) usually closes one or two patches; a prefill chunk of T
+    bytes closes about T / (mean patch length) of them, so it gets a quarter and a half of its positions
+    (each bucket is one more global model to compile)."""
     if slots > BUCKETED_SLOTS:
-        return (slots,)
+        return (slots // 4, slots // 2, slots)
     return tuple(b for b in (1, 2, 4) if b < slots) + (slots,)
 
 
@@ -269,8 +270,10 @@ def _latents(spec: ModelSpec, blt, state: EngineState, lo, hi, end, slots: int, 
 
         def global_step(rows):  # rows: indices of the rows to run (None: all)
             take = (lambda x: x) if rows is None else (lambda x: x[rows])
-            latents, new_kv = blt.global_latents(take(pe), take(pos), caches=jax.tree.map(take, state.global_kv),
-                                                 mask=jax.tree.map(take, size_mask), write=False)
+            # the caches stay whole: attention takes the rows from the prefix it reads (CachedMask.rows)
+            mask = jax.tree.map(take, size_mask).replace(rows=rows)
+            latents, new_kv = blt.global_latents(take(pe), take(pos), caches=state.global_kv, mask=mask,
+                                                 write=False)
             out = (new_kv, blt.decoder_cross_kv(latents))
             if rows is None:
                 return out

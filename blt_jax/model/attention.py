@@ -226,8 +226,9 @@ def self_attention_mask(positions: Array, window: Optional[int], segments: Optio
 # (speculative drafts): with it, a write never lands on a slot the window of any committed query still needs,
 # so rolling back stays "lower a length" (docs/engine.md).
 
-# unwindowed caches at least this long read a power-of-two prefix that holds every valid key, not all slots
-LINEAR_PREFIX_MIN = 512
+# unwindowed caches longer than this read the smallest power-of-two prefix (from this size) that holds every
+# valid key, not all slots: the global model's cache has a slot per byte, its keys one per patch
+LINEAR_PREFIX_MIN = 64
 
 
 class KVCache(NamedTuple):
@@ -263,6 +264,9 @@ class CachedMask:
     length: Array  # (B,)
     n_write: Array  # (B,)
     window: Optional[int] = flax.struct.field(pytree_node=False)
+    # (Bq,) the cache rows the queries read when they are a subset of the cache's batch (a compacted step);
+    # None: query row i reads cache row i. Rows are taken after the prefix is cut, so only it is copied.
+    rows: Optional[Array] = None
 
     @classmethod
     def causal(cls, q_pos: Array, length: Array, n_write: Array, window: Optional[int]) -> "CachedMask":
@@ -317,11 +321,16 @@ def cached_attention(q: Array, k_new: Array, v_new: Array, cache: KVCache, mask:
     own keys k_new / v_new (B, Tq, KV, D), with GQA. A ring (windowed layer) is read whole; an unwindowed
     cache reads the smallest power-of-two prefix holding every valid key, so its cost follows the context,
     not the buffer."""
+    def attend(s):  # the first s slots (of the rows the queries read)
+        ck, cv = cache.k[..., :s], cache.v[:, :, :s]
+        if mask.rows is not None:
+            ck, cv = jnp.take(ck, mask.rows, axis=0), jnp.take(cv, mask.rows, axis=0)
+        return _attend(q, ck, cv, k_new, v_new, mask)
+
     if mask.window is not None or cache.size <= LINEAR_PREFIX_MIN:
-        return _attend(q, cache.k, cache.v, k_new, v_new, mask)
+        return attend(cache.size)
     sizes, which = _linear_prefix(cache, mask)
-    branches = [lambda s=s: _attend(q, cache.k[..., :s], cache.v[:, :, :s], k_new, v_new, mask) for s in sizes]
-    return jax.lax.switch(which, branches)
+    return jax.lax.switch(which, [lambda s=s: attend(s) for s in sizes])
 
 
 def write_cache(cache: KVCache, k_new: Array, v_new: Array, mask: CachedMask) -> KVCache:
