@@ -307,6 +307,13 @@ def report(d: dict) -> str:
         pre = d["prefill_only"]
         lines += [f"Prefilling every prompt alone (one row each, the same buckets) took {pre['cpu_s']:.1f} s CPU, "
                   f"{100 * pre['cpu_s'] / modes['continuous']['cpu_s']:.0f}% of the continuous run's CPU time."]
+        if "batch1" in modes:
+            one, cont = modes["batch1"]["cpu_s"], modes["continuous"]["cpu_s"]
+            lines += [f"Without the prefills, generation alone took {one - pre['cpu_s']:.1f} CPU s at batch 1 and "
+                      f"{cont - pre['cpu_s']:.1f} at --batch-size {STATIC_BATCH} "
+                      f"({(one - pre['cpu_s']) / (cont - pre['cpu_s']):.2f}x). The prefills bound what batching the "
+                      f"rounds can give on this workload: even free generation would make continuous batching "
+                      f"{one / pre['cpu_s']:.2f}x batch 1 per CPU second, not 3x."]
     if d["rss"]:
         lines += ["", "## Peak memory against the number of prompts", "",
                   f"`blt generate --input --batch-size {STATIC_BATCH}` in a fresh process per count (peak RSS from "
