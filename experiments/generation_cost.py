@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import jax
 import numpy as np
 from common import RESULTS, enable_compilation_cache, environment, figure, run_dir, table, write_results
 from generation_ladder import best_of
@@ -321,6 +322,9 @@ def main() -> None:
             print(f"{task.name:12s} {setting.label:22s} score {r['score']:7.2f}  dec NFE {r['decoder_nfe']:.1f}  "
                   f"glob NFE {r['global_nfe']:.1f}  acc {r['acceptance']}  {r['bytes_per_s']:.0f} B/s", flush=True)
             rows.append(r)
+        # free the setting's compiled programs: each holds memory maps (about 3 per kernel) and a process may
+        # hold only vm.max_map_count (65,530 by default) of them; the whole table compiles far more
+        jax.clear_caches()
     add_reductions(rows)
     seconds = time.time() - t0
     where = args.size or str(args.runs)
