@@ -308,12 +308,12 @@ def report(d: dict) -> str:
         lines += [f"Prefilling every prompt alone (one row each, the same buckets) took {pre['cpu_s']:.1f} s CPU, "
                   f"{100 * pre['cpu_s'] / modes['continuous']['cpu_s']:.0f}% of the continuous run's CPU time."]
         if "batch1" in modes:
-            one, cont = modes["batch1"]["cpu_s"], modes["continuous"]["cpu_s"]
-            lines += [f"Without the prefills, generation alone took {one - pre['cpu_s']:.1f} CPU s at batch 1 and "
-                      f"{cont - pre['cpu_s']:.1f} at --batch-size {STATIC_BATCH} "
-                      f"({(one - pre['cpu_s']) / (cont - pre['cpu_s']):.2f}x). The prefills bound what batching the "
-                      f"rounds can give on this workload: even free generation would make continuous batching "
-                      f"{one / pre['cpu_s']:.2f}x batch 1 per CPU second, not 3x."]
+            one, prefills = modes["batch1"]["cpu_s"], pre["cpu_s"]
+            gen_one, gen_cont = one - prefills, modes["continuous"]["cpu_s"] - prefills
+            lines += [f"Without the prefills, generation alone took {gen_one:.1f} CPU s at batch 1 and {gen_cont:.1f} "
+                      f"at --batch-size {STATIC_BATCH} ({gen_one / gen_cont:.2f}x). The prefills bound what batching "
+                      "the rounds can give on this workload: even free generation would make continuous batching "
+                      f"{one / prefills:.2f}x batch 1 per CPU second, not 3x."]
     if d["rss"]:
         lines += ["", "## Peak memory against the number of prompts", "",
                   f"`blt generate --input --batch-size {STATIC_BATCH}` in a fresh process per count (peak RSS from "
