@@ -308,9 +308,9 @@ def test_a_failed_save_stops_training_with_one_error(tiny_runs, tmp_path):
     assert proc.returncode == exit_codes.ERROR, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("blt train: error: ")]
     assert len(errors) == 1 and "step 105" in errors[0] and "File too large" in errors[0], err[-3000:]
-    # orbax and tensorstore still log the failed writes (one line each, no tracebacks where they go through
-    # Python's logging), but nothing of blt_jax's crashed: no traceback passes through its code
-    assert "blt_jax/" not in err, err[-3000:]
+    # orbax and tensorstore still log the failed writes, one line each, but no traceback: neither theirs
+    # (hundreds of lines, which also split the error line when they interleaved with it) nor blt_jax's
+    assert "Traceback" not in err and "blt_jax/" not in err and "deprecated" not in err, err[-3000:]
     assert max(r["step"] for r in read_metrics(run)) <= 110  # stopped by the next checkpoint at the latest
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "50"]
     ckpt.load_trained_params(run)  # the previous checkpoint is intact

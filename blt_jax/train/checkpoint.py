@@ -244,7 +244,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any = No
 
 
 def _save_failed(mngr: ocp.CheckpointManager, step: int, cause: Any) -> CheckpointSaveFailed:
-    steps = [s for s in mngr.all_steps(read=True) if s < step]
+    mngr.reload()  # the steps on disk, not the manager's cached list (which may hold the failed step)
+    steps = [s for s in mngr.all_steps() if s < step]
     kept = f"step {max(steps)} is the newest complete checkpoint" if steps else "no earlier checkpoint exists"
     reason = short_cause(cause) if isinstance(cause, BaseException) else cause
     return CheckpointSaveFailed(f"step {step}: the checkpoint could not be written ({reason}), so training stopped; "
