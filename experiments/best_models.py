@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,17 @@ def progress_of(run: Path) -> dict:
     return last
 
 
+def median_train_rate(run: Path) -> float | None:
+    """The median training bytes/s over every logged interval of every session of a run. A resumed run's
+    result holds its last session's wall time only, and wall time counts compiles and pauses; the rate of
+    the logged intervals counts neither."""
+    path = run / "metrics.jsonl"
+    rates = [] if not path.exists() else [
+        rec["bytes_per_second"] for rec in map(json.loads, path.read_text().splitlines())
+        if rec.get("split") == "train" and "bytes_per_second" in rec]
+    return statistics.median(rates) if rates else None
+
+
 def row_for(name: str, workdir: Path, store_root: str) -> dict:
     cfg = sizes.best_config(name, store_root)
     counts = param_counts(cfg.model)
@@ -93,10 +105,11 @@ def row_for(name: str, workdir: Path, store_root: str) -> dict:
             row["note"] = "the run directory holds another configuration"
             return row
         res = saved["result"]
+        rate = median_train_rate(run_path(workdir, name))
         row.update(finished=True, heldout_bpb=res["heldout"]["bits_per_byte"],
-                   mean_patch_length=res["heldout"].get("mean_patch_length"), seconds=res["seconds"],
-                   bytes_per_second=res["last_train"].get("bytes_per_second"), blt_jax=res.get("blt_jax"),
-                   masked_accuracy=res["last_train"].get("masked_accuracy"))
+                   mean_patch_length=res["heldout"].get("mean_patch_length"), last_session_seconds=res["seconds"],
+                   bytes_per_second=rate, seconds=None if rate is None else train_bytes / rate,
+                   blt_jax=res.get("blt_jax"), masked_accuracy=res["last_train"].get("masked_accuracy"))
     else:
         last = progress_of(run_path(workdir, name))
         row["progress_step"] = last.get("step", 0)
@@ -131,13 +144,15 @@ def report(names: list[str], workdir: Path, store_root: str, out_name: str) -> P
                  "train B/s", "status", "command"],
                 [[r["label"], f"{r['params_non_embedding'] / 1e6:.2f}M", f"{r['train_flops']:.3g}",
                   r.get("heldout_bpb"), r.get("mean_patch_length"), r.get("masked_accuracy"),
-                  None if not r["finished"] else f"{r['seconds'] / 3600:.2f}",
+                  None if r.get("seconds") is None else f"{r['seconds'] / 3600:.2f}",
                   None if r.get("bytes_per_second") is None else f"{r['bytes_per_second']:.0f}",
                   status(r), f"`{r['command']}`"] for r in rows]),
           "",
-          (f"{len(finished)} of {len(rows)} finished. Hours are wall clock on {environment()['device']} "
-           f"({environment()['cpus']} CPUs) shared with other work (paused time included). BLT-D is scored as a "
-           "causal decoder; its masked accuracy is the last training batch's (masked cells predicted exactly).")]
+          (f"{len(finished)} of {len(rows)} finished. Train B/s is the median over every logged interval of "
+           f"every session of the run, on {environment()['device']} ({environment()['cpus']} CPUs) shared with "
+           "other work; hours are the training bytes at that rate (compiles, evaluation and pauses excluded). "
+           "BLT-D is scored as a causal decoder; its masked accuracy is the last training batch's (masked cells "
+           "predicted exactly).")]
     return write_results(out_name, "\n".join(md) + "\n",
                          {"env": environment(), "unigram_bpb": unigram, "rows": rows,
                           "overrides": {n: sizes.BEST[n].overrides() for n in names}})
@@ -166,7 +181,7 @@ def main() -> None:
         report(listed, workdir, store_root, args.name)  # shows this run as in progress
         res = train_one(name, workdir, store_root, entropy_run)
         print(f"{LABELS[name]}: held-out {res['heldout']['bits_per_byte']:.4f} bits/byte "
-              f"({res['seconds'] / 3600:.2f} h)", flush=True)
+              f"({res['seconds'] / 3600:.2f} h in this session)", flush=True)
     print(report(listed, workdir, store_root, args.name).read_text())
 
 

@@ -157,13 +157,19 @@ def test_best_models_share_one_shape_and_schedule_and_report_only_finished_runs(
     run = best_models.run_path(tmp_path, "d-8")
     assert best_models.row_for("d-8", tmp_path, "/data")["finished"] is False
     run.mkdir(parents=True)
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 300, "split": "train", "bits_per_byte": 2.2}) + "\n")
+    # two sessions: the second's first interval is slow (shared machine); the time is the median rate's
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 250, "split": "train", "bits_per_byte": 2.3, "bytes_per_second": 1000.0},
+        {"step": 275, "split": "train", "bits_per_byte": 2.25, "bytes_per_second": 1200.0},
+        {"step": 300, "split": "train", "bits_per_byte": 2.2, "bytes_per_second": 200.0}]))
     assert best_models.row_for("d-8", tmp_path, "/data")["progress_step"] == 300
     result = {"heldout": {"bits_per_byte": 2.1, "mean_patch_length": 4.1}, "seconds": 3600.0,
               "last_train": {"bytes_per_second": 900.0, "masked_accuracy": 0.3}}
     (run.parent / "result.json").write_text(json.dumps({"config": json.loads(cfgs["d-8"].to_json()), "result": result}))
     r = best_models.row_for("d-8", tmp_path, "/data")
     assert r["finished"] and r["heldout_bpb"] == 2.1 and r["masked_accuracy"] == 0.3
+    # a resumed run's result.json holds its last session's seconds only: the report uses every session's rate
+    assert r["bytes_per_second"] == 1000.0 and r["seconds"] == r["train_bytes"] / 1000.0
     assert best_models.row_for("blt", tmp_path, "/data")["finished"] is False  # another model's result is not its
 
 
