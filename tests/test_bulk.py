@@ -19,7 +19,7 @@ import pytest
 
 from blt_jax.cli import main
 from blt_jax.config import get_preset
-from blt_jax.generation import api, bulk, samplers
+from blt_jax.generation import api, bulk, programs, samplers
 from blt_jax.generation.sampling import SamplingConfig
 from blt_jax.tokenizer import encode
 from blt_jax.train import checkpoint as ckpt
@@ -159,6 +159,35 @@ def test_refuses_an_output_it_did_not_write_and_options_without_input(job, capsy
     assert "--batch-size: only with --input" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--method", "d"]) == 2
     assert "needs a model trained with the diffusion objective" in capsys.readouterr().err
+
+
+def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_the_same(job, monkeypatch):
+    """A server that meets every method and prompt length compiles one program per prompt bucket per method
+    (measured: each 4096-position bucket's prefill holds ~2,060 more memory maps) and used to die inside LLVM
+    past vm.max_map_count. Near the limit, a new bucket's admission first frees every compiled program; the
+    output does not change. The process's map count is the one thing faked: it drops once programs are freed."""
+    _, run, base, _ = job
+    model = api.load(run)
+    before = programs.frees
+    monkeypatch.setattr(programs, "map_usage", lambda: (60_000 if programs.frees == before else 5_000, 65_530))
+    out = base / "near_the_limit.jsonl"
+    with pytest.warns(programs.CompiledProgramsFreed, match="they were freed"):
+        bulk.generate_file(model, str(base / "in.jsonl"), str(out), api.method_config(model, "ar"),
+                           batch_size=BATCH, max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
+                           ordered=True, progress=False)
+    assert programs.frees == before + 1  # once: the count it left is well below the limit
+    assert out.read_text() == (base / "ordered.jsonl").read_text()
+
+
+def test_maps_that_freeing_cannot_release_are_not_freed_again(monkeypatch):
+    """If the maps are not the programs' (freeing leaves as many), freeing again would only recompile
+    everything on every call: it warns once and stops."""
+    monkeypatch.setattr(programs, "map_usage", lambda: (60_000, 65_530))
+    monkeypatch.setattr(programs, "_gave_up", False)
+    before = programs.frees
+    with pytest.warns(programs.CompiledProgramsFreed, match="something else holds them"):
+        assert programs.make_room()
+    assert not programs.make_room() and programs.frees == before + 1
 
 
 @pytest.mark.slow

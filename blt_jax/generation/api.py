@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from blt_jax import sharding
 from blt_jax.config import ConfigError
+from blt_jax.generation import programs
 from blt_jax.generation.cost import ParamsForCost, eq8_bandwidth_gb
 from blt_jax.generation.loaded import LoadedModel, load_run
 from blt_jax.generation.placement import batch_devices, on_mesh
@@ -124,6 +125,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
         raise ValueError(f"method: unknown generation method {method!r}; choose one of {METHODS}")
     mc = None if method == "ar-nocache" else method_config(model, method, draft_len, block_size, unmask)
     batch, (tokens, lengths, budget, keys) = _inputs(model, prompts, max_new_bytes, mc, seed)
+    programs.make_room()  # these shapes may compile
     B = batch.tokens.shape[0]
     rows = _sampling_rows(model, sampling, B)
     t = time.time()
@@ -168,6 +170,7 @@ def stream(model: LoadedModel, prompt: str, max_new_bytes: int = 128, method: st
     if model.mesh is not None:
         raise ValueError("stream: streams one prompt on one device; generate batches on a mesh with `generate`")
     batch, (tokens, lengths, budget, keys) = _inputs(model, [prompt], max_new_bytes, mc, seed)
+    programs.make_room()
     carry = prefill(model.spec, mc, model.all_params(), tokens, lengths, budget, keys,
                     _sampling_rows(model, sampling, tokens.shape[0]), prompt_len=batch.prompt_len)
     rounds = max(1, -(-chunk_bytes // mc.max_bytes_per_round))

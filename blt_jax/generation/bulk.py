@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax.generation import samplers
+from blt_jax.generation import programs, samplers
 from blt_jax.generation.api import cost_record
 from blt_jax.generation.cost import ParamsForCost
 from blt_jax.generation.loaded import LoadedModel
@@ -169,6 +169,8 @@ class ContinuousBatcher:
         self.rounds_per_call = rounds_per_call or int(jnp.iinfo(jnp.int32).max)
         self.sampled = sampled  # the live batch carries per-row sampling settings
         self.peak_rows = 0  # the most rows that ran at once (batches are shared: a server's clients see it)
+        self._prefilled: set[int] = set()  # prompt buckets compiled since programs.frees was _frees_seen
+        self._frees_seen = programs.frees
 
     def positions_needed(self, prompt_ids: int, budget: int) -> int:
         """Positions a row takes: its ids (BOS + prompt), the budget and the method's lookahead."""
@@ -193,6 +195,11 @@ class ContinuousBatcher:
         tokens[0, :n] = req.ids
         rows = SamplingRows.of([req.sampling]) if self.sampled else None
         bucket = next(b for b in self.buckets if b >= n)
+        if self._frees_seen != programs.frees:  # every program was freed: each bucket compiles again
+            self._prefilled, self._frees_seen = set(), programs.frees
+        if bucket not in self._prefilled:  # a compile may follow (the loop's too, on the first admission)
+            programs.make_room()
+            self._prefilled.add(bucket)
         return samplers.prefill(self.model.spec, self.method, self.model.all_params(), jnp.asarray(tokens),
                                 jnp.asarray([n], jnp.int32), jnp.asarray([req.budget], jnp.int32),
                                 jnp.asarray(req.key[None], jnp.uint32), rows, prompt_len=bucket)
