@@ -170,6 +170,7 @@ def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_t
     model = api.load(run)
     before = programs.frees
     monkeypatch.setattr(programs, "map_usage", lambda: (60_000 if programs.frees == before else 5_000, 65_530))
+    monkeypatch.setattr(programs, "CHECK_EVERY_S", 0.0)
     out = base / "near_the_limit.jsonl"
     with pytest.warns(programs.CompiledProgramsFreed, match="they were freed"):
         bulk.generate_file(model, str(base / "in.jsonl"), str(out), api.method_config(model, "ar"),
@@ -182,12 +183,21 @@ def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_t
 def test_maps_that_freeing_cannot_release_are_not_freed_again(monkeypatch):
     """If the maps are not the programs' (freeing leaves as many), freeing again would only recompile
     everything on every call: it warns once and stops."""
-    monkeypatch.setattr(programs, "map_usage", lambda: (60_000, 65_530))
+    looks = []
+    monkeypatch.setattr(programs, "map_usage", lambda: looks.append(1) or (60_000, 65_530))
     monkeypatch.setattr(programs, "_gave_up", False)
+    monkeypatch.setattr(programs, "CHECK_EVERY_S", 0.0)
     before = programs.frees
     with pytest.warns(programs.CompiledProgramsFreed, match="something else holds them"):
         assert programs.make_room()
-    assert not programs.make_room() and programs.frees == before + 1
+    assert not programs.make_room() and programs.frees == before + 1 and len(looks) == 2  # before and after
+
+
+def test_the_map_count_is_read_at_most_every_check_interval(monkeypatch):
+    looks = []
+    monkeypatch.setattr(programs, "map_usage", lambda: looks.append(1) or (100, 65_530))
+    monkeypatch.setattr(programs, "_last_check", -float("inf"))
+    assert not programs.make_room() and not programs.make_room() and len(looks) == 1
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ freed (they recompile when next used), with a warning that names the cause."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,10 @@ import jax
 # free at this share of the limit: the largest program (BLT-D's first admission: prefill, insert and
 # advance together) needs ~15% of the default limit
 FREE_AT = 0.75
+# reading the map count costs ~1 ms per 1,000 maps: look at most this often (the 25% left holds several
+# compiles of seconds each, more than fit between two looks)
+CHECK_EVERY_S = 2.0
+_last_check = -float("inf")
 frees = 0  # how many times programs were freed in this process (callers that track what they compiled reset)
 _gave_up = False  # freeing did not bring the maps below FREE_AT: they are not the programs'; never free again
 
@@ -39,9 +44,12 @@ def map_usage() -> Optional[tuple[int, int]]:
 
 def make_room(free_at: float = FREE_AT) -> bool:
     """Free every compiled program if the process uses `free_at` of its memory maps or more; True if it did."""
-    global frees, _gave_up
+    global frees, _gave_up, _last_check
+    if _gave_up or time.monotonic() - _last_check < CHECK_EVERY_S:
+        return False
+    _last_check = time.monotonic()
     usage = map_usage()
-    if _gave_up or usage is None or usage[0] < free_at * usage[1]:
+    if usage is None or usage[0] < free_at * usage[1]:
         return False
     jax.clear_caches()
     frees += 1
