@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import sizes
-from common import DEFAULT_WORKDIR, cached_run, ensure_store, environment, library_version, table, write_results
+from common import (DEFAULT_WORKDIR, cached_run, ensure_store, environment, library_version, median_train_rate, table,
+                    write_results)
 
 from blt_jax import flops
 from blt_jax.data import store
@@ -75,17 +75,6 @@ def progress_of(run: Path) -> dict:
         if rec.get("split") == "train":
             last = rec
     return last
-
-
-def median_train_rate(run: Path) -> float | None:
-    """The median training bytes/s over every logged interval of every session of a run. A resumed run's
-    result holds its last session's wall time only, and wall time counts compiles and pauses; the rate of
-    the logged intervals counts neither."""
-    path = run / "metrics.jsonl"
-    rates = [] if not path.exists() else [
-        rec["bytes_per_second"] for rec in map(json.loads, path.read_text().splitlines())
-        if rec.get("split") == "train" and "bytes_per_second" in rec]
-    return statistics.median(rates) if rates else None
 
 
 def row_for(name: str, workdir: Path, store_root: str) -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -57,6 +58,17 @@ def library_version() -> str:
 def run_dir(workdir: str | Path, size: str, variant: str) -> Path:
     """Where experiments/scaling.py keeps a variant's run; the later experiments load their models from it."""
     return Path(workdir) / size / variant / "run"
+
+
+def median_train_rate(run: Path) -> float | None:
+    """The median training bytes/s over every logged interval of every session of a run. A resumed run's
+    result holds its last session's wall time only, and wall time counts compiles and pauses; the rate of
+    the logged intervals counts neither (nor does one slow last interval, as the last record's rate would)."""
+    path = Path(run) / "metrics.jsonl"
+    rates = [] if not path.exists() else [
+        rec["bytes_per_second"] for rec in map(json.loads, path.read_text().splitlines())
+        if rec.get("split") == "train" and "bytes_per_second" in rec]
+    return statistics.median(rates) if rates else None
 
 
 def load_run(workdir: str | Path, size: str, variant: str):

@@ -22,6 +22,7 @@ Results land as they come: each finished run's row is written to experiments/res
 at once, and a rerun skips the rows already there (a row counts only if its configuration and store match),
 so a killed study resumes where it stopped; an unfinished run resumes from its last checkpoint. The script
 tolerates being paused (SIGSTOP/SIGCONT); SIGINT/SIGTERM save a checkpoint and exit without a row.
+`--report` rewrites the results from the rows already there without training (safe while a study runs).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Optional
 
 import sizes
 from common import (DEFAULT_WORKDIR, RESULTS, cached_run, ensure_store, environment, figure, library_version,
-                    run_dir, table, with_store, write_results)
+                    median_train_rate, run_dir, table, with_store, write_results)
 
 from blt_jax import flops
 from blt_jax.config import DiffusionConfig, EntropyModelConfig, RunConfig, get_preset
@@ -182,7 +183,14 @@ def train_row(plan: PlannedRun, workdir: Path, entropy_run: str, fp: str) -> dic
             "train_flops": plan.train_bytes * plan.flops_per_byte,
             "heldout_bpb": result["heldout"]["bits_per_byte"],
             "mean_patch_length": result["heldout"].get("mean_patch_length"), "seconds": result["seconds"],
-            "bytes_per_second": result.get("last_train", {}).get("bytes_per_second"), "blt_jax": library_version()}
+            "bytes_per_second": median_train_rate(run), "blt_jax": library_version()}
+
+
+def with_logged_rate(row: dict, workdir: Path) -> dict:
+    """A saved row with its training rate taken from its run's log where the run is here (rows written before
+    the rate was the log's median hold their last interval's, which one slow interval can make 100x low)."""
+    rate = median_train_rate(run_dir(workdir, row["size"], row["variant"]))
+    return row if rate is None else {**row, "bytes_per_second": rate}
 
 
 # ---- the report ----------------------------------------------------------------------------------------
@@ -268,6 +276,8 @@ def main() -> None:
     p.add_argument("--name", default="scaling", help="results file name under --results-dir")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--plan", action="store_true", help="print the runs (steps, bytes, FLOPs) and exit")
+    p.add_argument("--report", action="store_true",
+                   help="rewrite the results from the finished rows and exit; trains nothing")
     args = p.parse_args()
     t0 = time.time()
     workdir = Path(args.workdir)
@@ -302,7 +312,9 @@ def main() -> None:
         fp = fingerprint(plan, identity)
         row = saved.get((plan.size, plan.variant))
         if row is not None and row.get("fingerprint") == fp:
-            rows.append(row)
+            rows.append(with_logged_rate(row, workdir))
+            continue
+        if args.report:
             continue
         row = train_row(plan, workdir, entropy_run, fp)
         print(f"{plan.size:10s} {plan.variant:9s} steps {plan.steps:5d}  {row['train_flops']:.3g} FLOPs  "

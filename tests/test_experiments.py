@@ -86,6 +86,18 @@ def test_rows_are_reused_only_for_the_same_config_and_store():
     assert scaling.fingerprint(plan, {**store, "train_tokens": 3_000_000}) != fp  # the 3 MB subset is another store
 
 
+def test_a_saved_row_takes_its_training_rate_from_its_runs_log(tmp_path):
+    """The study's "train B/s" is the median over the run's logged intervals, also for rows saved with their
+    last interval's rate (which showed 16 B/s for a run that trained at ~1,900)."""
+    run = common.run_dir(tmp_path, "cpu-m", "entropy")
+    run.mkdir(parents=True)
+    records = [{"split": "train", "bytes_per_second": r} for r in (1900.0, 1950.0, 16.0)] + [{"split": "heldout"}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    saved = {"size": "cpu-m", "variant": "entropy", "bytes_per_second": 16.0}
+    assert scaling.with_logged_rate(saved, tmp_path)["bytes_per_second"] == 1900.0
+    assert scaling.with_logged_rate({**saved, "variant": "byte"}, tmp_path) == {**saved, "variant": "byte"}
+
+
 def row(size, variant, flops_, bpb):
     return {"size": size, "variant": variant, "train_flops": flops_, "heldout_bpb": bpb, "params_non_embedding": 1e6,
             "train_flops_per_byte": 1e6, "steps": 100, "train_bytes": 1e6, "mean_patch_length": 4.0, "seconds": 1.0}
