@@ -658,20 +658,6 @@ def _quiet_background_tracebacks() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
             logger.addFilter(_NoBackgroundTracebacks())
-    # The writes still in flight when a save fails finish after its event loop closed: tensorstore's callback
-    # into that loop raises, and it reports each as an unraisable error, one bare traceback apiece. They keep
-    # coming until the process exits, after the command's own one-line error, so the hook stays installed.
-    if getattr(sys.unraisablehook, "_blt_quiet", False):
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        late = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-        if not late:
-            previous(unraisable)
-
-    hook._blt_quiet = True
-    sys.unraisablehook = hook
 
 
 def _one_line_warnings(command: str) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -314,6 +315,25 @@ def test_a_failed_save_stops_training_with_one_error(tiny_runs, tmp_path):
     assert max(r["step"] for r in read_metrics(run)) <= 110  # stopped by the next checkpoint at the latest
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "50"]
     ckpt.load_trained_params(run)  # the previous checkpoint is intact
+
+
+def test_a_writable_manager_drops_only_the_late_callbacks_of_a_failed_save(tmp_path, monkeypatch):
+    """Python callers of train() see the failed save's aftermath too (one traceback per write in flight, from
+    tensorstore's callbacks into orbax's closed event loop): opening a writable manager installs a hook that
+    drops exactly those and passes every other unraisable error on."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    ckpt.open_manager(tmp_path / "run", async_save=False).close()
+    ckpt.open_manager(tmp_path / "run", async_save=False).close()  # installed once, not stacked
+
+    def unraisable(exc):
+        return SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None, err_msg=None, object=None)
+
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    assert seen == []
+    other = unraisable(RuntimeError("something else"))
+    sys.unraisablehook(other)
+    assert seen == [other]
 
 
 # ---- smaller things ----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -206,6 +207,25 @@ def verify(tree: Any, record: Optional[dict], where: str) -> None:
 
 # ---- checkpoint steps --------------------------------------------------------------------------------------
 
+def _drop_late_write_callbacks() -> None:
+    """The array writes still in flight when a save fails finish after orbax closed their event loop:
+    tensorstore's callback into that loop raises, and Python reports each as an unraisable error, one bare
+    traceback apiece (hundreds for one full disk, interleaved with whatever the program prints next, until it
+    exits). The save's failure is reported once, as CheckpointSaveFailed; exactly these late callbacks are
+    dropped and every other unraisable error reaches the previous hook. Installed once per process."""
+    if getattr(sys.unraisablehook, "_blt_drops_late_write_callbacks", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        late = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        if not late:
+            previous(unraisable)
+
+    hook._blt_drops_late_write_callbacks = True
+    sys.unraisablehook = hook
+
+
 def open_manager(run_dir: str | Path, keep: int = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """The run's checkpoint manager. `read_only` (generation, evaluation): nothing is created (and nothing is
@@ -213,6 +233,7 @@ def open_manager(run_dir: str | Path, keep: int = 3, async_save: bool = True,
     if read_only:
         opts = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
     else:
+        _drop_late_write_callbacks()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=opts,
                                  item_names=("state", "data_iter", CHECKSUMS))
