@@ -1,6 +1,7 @@
 """Shared fixtures: a small real corpus (two stdlib packages) prepared into a store, and a trained tiny
 entropy model + BLT on it, built once per test session."""
 
+import os
 import sysconfig
 from pathlib import Path
 
@@ -13,9 +14,24 @@ from blt_jax.train.loop import train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
+# Tests spend most of their time compiling small programs that then run for milliseconds, so they compile them
+# for compile speed: LLVM at -O0 and XLA:CPU's older emitters halve the suite's time. XLA reads this when JAX
+# starts its CPU backend (first use, not import); subprocesses that tests start inherit it. The packaging check,
+# the quickstart and every user run keep XLA's defaults; a developer's own XLA_FLAGS come later and win.
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+
 # Broadcasting between arrays of different rank must be written out ([None], [:, None], reshape): an implicit
 # rank promotion is an error in every test (the library runs with JAX's default, "allow").
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`--numprocesses=auto` (setup.cfg): one worker per core the process may use, at most 4. The tests are
+    single-threaded (compiling dominates), and each worker trains its own session fixtures and holds its own
+    compiled programs (~2 GB), so more workers buy little and cost memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -145,7 +145,8 @@ def _run(cmd, env=None, timeout=900):
 def test_eight_device_checks(tiny_runs):
     """tests/multidevice_checks.py in a child with 8 CPU devices: sharded train steps == one device, restore
     onto 4 devices, sharded generation == unsharded, the AOT memory report."""
-    _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice_checks.py"],
+    _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--numprocesses=0",
+          "tests/multidevice_checks.py"],
          env={"JAX_NUM_CPU_DEVICES": "8", "BLT_TINY_BLT_RUN": str(tiny_runs[3])})
 
 
