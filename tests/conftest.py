@@ -15,7 +15,7 @@ from blt_jax.train.loop import train
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 # Tests spend most of their time compiling small programs that then run for milliseconds, so they compile them
-# for compile speed: LLVM at -O0 and XLA:CPU's older emitters halve the suite's time. XLA reads this when JAX
+# for compile speed: LLVM at -O0 and XLA:CPU's older emitters halve a compile-bound test's time. XLA reads this when JAX
 # starts its CPU backend (first use, not import); subprocesses that tests start inherit it. The packaging check,
 # the quickstart and every user run keep XLA's defaults; a developer's own XLA_FLAGS come later and win.
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
