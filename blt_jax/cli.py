@@ -274,7 +274,7 @@ def _prepare_parser(sub) -> None:
                     help="replace what the store holds (tokens, or another entropy model's entropies); "
                          "without it an existing store is refused, and adding entropies is the only update")
     pr.add_argument("--heldout-fraction", type=finite_float, default=0.02,
-                    help="held out for evaluation: whole text files, or single records, by a hash of their name")
+                    help="held out for evaluation: whole text files, or single records, by a hash of their path")
     pr.add_argument("--max-train-bytes", type=int, default=None,
                     help="keep a deterministic subset of the training text files up to this many bytes")
     pr.add_argument("--shard-tokens", type=positive_int, default=1 << 20,

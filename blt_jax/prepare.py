@@ -76,7 +76,9 @@ class CorpusPlan:
 
     @property
     def digest(self) -> str:
-        files = [(f.name, f.format, f.size, f.mtime_ns) for f in self.files]
+        # a split key enters only where it differs from the name, so stores made before keys existed still match
+        files = [(f.name, f.format, f.size, f.mtime_ns) + ((f.split_name,) if f.split_name != f.name else ())
+                 for f in self.files]
         text = json.dumps({"files": files, "options": self.options}, sort_keys=True)
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -88,8 +90,9 @@ def plan_corpus(data: Sequence[str] | None = None, heldout_fraction: float = 0.0
                 max_train_bytes: int | None = None, text_field: str = "text",
                 shard_tokens: int = store.WRITE_CHUNK) -> CorpusPlan:
     """The embedded default corpus (CPython's standard library source and docs text), or the user's files,
-    folders and glob patterns. Text files are held out whole by a hash of their name (with at least one file
-    on each side when every input is a text file); records one by one, by a hash of (file, line or row).
+    folders and glob patterns. Text files are held out whole by a hash of their path relative to the input
+    that names them (`sources.find_inputs`; with at least one file on each side when every input is a text
+    file); records one by one, by a hash of (that path, line or row).
 
     `max_train_bytes` (text files only) keeps a deterministic pseudo-random subset of the training files
     (ordered by a hash of their paths, so the subset spans the whole corpus) up to that many bytes; the
@@ -99,20 +102,22 @@ def plan_corpus(data: Sequence[str] | None = None, heldout_fraction: float = 0.0
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if data:
-        paths = sources.find_files(data)
+        roots = sources.find_inputs(data)
+        paths = sorted(roots, key=lambda f: f.as_posix())
         base = corpus.common_root(paths)
         description = "user files: " + ", ".join(str(d) for d in data)
     else:
-        paths = corpus.default_corpus_files()
+        paths, roots = corpus.default_corpus_files(), None
         base = corpus.stdlib_root()
         description = corpus.default_corpus_description()
-    files = sources.input_files(paths, base)
+    files = sources.input_files(paths, base, roots)
     texts = [f for f in files if not f.has_records]
     if len(texts) == len(files):
-        held = set(corpus.split_files([f.path for f in texts], base, heldout_fraction)[1])
-        text_split = {f.name: "heldout" if f.path in held else "train" for f in texts}
+        held = corpus.heldout_indices([f.split_name for f in texts], heldout_fraction)
+        text_split = {f.name: "heldout" if i in held else "train" for i, f in enumerate(texts)}
     else:
-        text_split = {f.name: "heldout" if corpus.split_key(f.name) < heldout_fraction else "train" for f in texts}
+        text_split = {f.name: "heldout" if corpus.split_key(f.split_name) < heldout_fraction else "train"
+                      for f in texts}
     if max_train_bytes is not None:
         if len(texts) != len(files):
             raise ConfigError("--max-train-bytes selects whole text files; it does not apply to record files "
@@ -167,7 +172,7 @@ def _tokenize(files: Sequence[sources.InputFile], plan: CorpusPlan, writers: dic
             else:
                 for chunk in sources.records(f, text_field, bad):
                     empty += chunk.empty
-                    held = np.fromiter((corpus.split_key(f.name, int(k)) < fraction for k in chunk.numbers), bool,
+                    held = np.fromiter((corpus.split_key(f.split_name, int(k)) < fraction for k in chunk.numbers), bool,
                                        len(chunk.numbers))
                     for split, keep in (("train", ~held), ("heldout", held)):
                         if keep.any():

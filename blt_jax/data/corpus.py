@@ -2,7 +2,8 @@
 
 The default corpus is the standard library's Python source and text docs, present on every Python
 install, so `blt train` works offline with no download. Splits are by file and derived from a hash of
-the relative path, so every machine (and Python patch release) agrees on which files are held out.
+the path relative to the stdlib folder, so every machine (and Python patch release) agrees on which files
+are held out.
 """
 
 from __future__ import annotations
@@ -62,22 +63,29 @@ def split_key(rel: str, record: int | None = None) -> float:
 
 def split_files(files: Iterable[Path], root: Path | str, heldout_fraction: float = 0.02
                 ) -> tuple[list[Path], list[Path]]:
-    """Deterministic (train, heldout) split by file; both non-empty. Input order is kept within each split."""
+    """Deterministic (train, heldout) split by file, keyed by the path relative to `root`; both non-empty.
+    Input order is kept within each split."""
     files = [Path(f) for f in files]
-    root = Path(root)
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
-    if len(files) < 2:
-        raise ValueError(f"need at least 2 files to hold one out for evaluation, got {len(files)} under {root}")
-    keys = [split_key(_rel(f, root)) for f in files]
-    heldout = {i for i, k in enumerate(keys) if k < heldout_fraction}
-    order = sorted(range(len(files)), key=lambda i: keys[i])
-    if not heldout:  # a small corpus: hold out the file closest to the threshold
-        heldout = {order[0]}
-    elif len(heldout) == len(files):
-        heldout.discard(order[-1])
+    heldout = heldout_indices([_rel(f, Path(root)) for f in files], heldout_fraction)
     train = [f for i, f in enumerate(files) if i not in heldout]
     return train, [f for i, f in enumerate(files) if i in heldout]
+
+
+def heldout_indices(names: list[str], heldout_fraction: float = 0.02) -> set[int]:
+    """Which of the files named `names` (their split keys) are held out: those whose `split_key` falls below
+    the fraction, with at least one file on each side."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+    if len(names) < 2:
+        raise ValueError(f"need at least 2 files to hold one out for evaluation, got {len(names)}")
+    keys = [split_key(n) for n in names]
+    heldout = {i for i, k in enumerate(keys) if k < heldout_fraction}
+    order = sorted(range(len(names)), key=lambda i: keys[i])
+    if not heldout:  # a small corpus: hold out the file closest to the threshold
+        heldout = {order[0]}
+    elif len(heldout) == len(names):
+        heldout.discard(order[-1])
+    return heldout
 
 
 def common_root(files: Iterable[Path]) -> Path:

@@ -54,10 +54,13 @@ def file_format(path: str | os.PathLike) -> str:
 @dataclass(frozen=True)
 class InputFile:
     path: Path
-    name: str  # relative to the corpus base: the name in the manifest, the split key, error messages
+    name: str  # relative to the corpus base (the inputs' common folder): the name in the manifest and errors
     format: str
     size: int  # bytes on disk
-    mtime_ns: int = 0
+    mtime_ns: int
+    # what the held-out split hashes: the path relative to the input (folder, file's folder or pattern) that
+    # found it, so the split of a file does not depend on the other inputs of the same command
+    split_name: str
 
     @property
     def has_records(self) -> bool:
@@ -78,10 +81,33 @@ def find_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     files: resolved, de-duplicated, sorted. Empty files and binary plain files (a NUL in the first 8 KB) are
     skipped; a path that does not exist, a pattern that matches nothing and an input with no readable file
     are refused."""
+    return sorted(find_inputs(paths), key=lambda f: f.as_posix())
+
+
+def _input_root(item: str) -> Path:
+    """The folder an input's split keys are relative to: a folder itself, a file's own folder, a glob
+    pattern's leading folder without wildcards."""
+    p = Path(item)
+    if p.is_dir():
+        return p.resolve()
+    if p.is_file():
+        return p.resolve().parent
+    fixed = []
+    for part in p.parts:
+        if _has_glob(part):
+            break
+        fixed.append(part)
+    return Path(*fixed).resolve() if fixed else Path.cwd()
+
+
+def find_inputs(paths: Iterable[str | os.PathLike]) -> dict[Path, Path]:
+    """`find_files`'s files, each with the root its split key is relative to (`input_files`): the innermost
+    root (`_input_root`) of the inputs that found it, so adding or removing other inputs never moves a file
+    between the training and held-out splits."""
     given = [str(p) for p in paths]
     if not given:
         raise ValueError("no data paths given")
-    found: set[Path] = set()
+    found: dict[Path, Path] = {}
     for item in given:
         p = Path(item)
         if p.is_dir():
@@ -95,25 +121,35 @@ def find_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 raise FileNotFoundError(f"no files match {item}")
         else:
             raise FileNotFoundError(f"data path does not exist: {item}")
+        root = _input_root(item)
         for f in candidates:
             if f.stat().st_size > 0 and (file_format(f) != "text" or not _is_binary(f)):
-                found.add(f.resolve())
+                f = f.resolve()
+                if f not in found or len(root.parts) > len(found[f].parts):
+                    found[f] = root
     if not found:
         raise ValueError(f"empty corpus: no readable files in {', '.join(given)} (empty, hidden and binary files "
                          f"are skipped; readable: {READABLE})")
-    return sorted(found, key=lambda f: f.as_posix())
+    return found
 
 
-def input_files(files: Iterable[Path], base: Path) -> list[InputFile]:
-    """InputFiles named relative to `base` (absolute where a file lies outside it), in the given order."""
+def _relative_name(f: Path, base: Path) -> str:
+    """f relative to base (absolute where f lies outside it)."""
+    try:
+        return f.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return f.resolve().as_posix()
+
+
+def input_files(files: Iterable[Path], base: Path, roots: dict[Path, Path] | None = None) -> list[InputFile]:
+    """InputFiles named relative to `base`, in the given order; split keys relative to each file's root in
+    `roots` (`find_inputs`), or to `base` without it."""
     out = []
     for f in files:
-        try:
-            name = f.resolve().relative_to(base.resolve()).as_posix()
-        except ValueError:
-            name = f.resolve().as_posix()
+        name = _relative_name(f, base)
+        key = name if roots is None else _relative_name(f, roots[f.resolve()])
         st = f.stat()
-        out.append(InputFile(f, name, file_format(f), st.st_size, st.st_mtime_ns))
+        out.append(InputFile(f, name, file_format(f), st.st_size, st.st_mtime_ns, key))
     return out
 
 
