@@ -222,10 +222,6 @@ def test_text_only_inputs_keep_the_file_level_split(tmp_path):
     assert all(e["docs"] == 1 for e in manifest["train"]["files"])
 
 
-def _heldout_documents(root: Path) -> set[bytes]:
-    return set(documents(str(root), "heldout"))
-
-
 def test_a_files_split_does_not_depend_on_the_other_inputs(tmp_path):
     """Preparing folder a alone, a with folder b, or a through a glob pattern holds out the same documents of
     a: otherwise a model trained on one store and scored on another would be scored on its training data.
@@ -241,7 +237,7 @@ def test_a_files_split_does_not_depend_on_the_other_inputs(tmp_path):
         stores[label] = tmp_path / f"store-{label}"
         prepare.prepare_corpus(str(stores[label]), [str(p) for p in inputs], heldout_fraction=0.2)
     of_a = lambda docs: {d for d in docs if d.startswith(b"a ")}  # noqa: E731
-    held = {label: of_a(_heldout_documents(root)) for label, root in stores.items()}
+    held = {label: of_a(documents(str(root), "heldout")) for label, root in stores.items()}
     assert held["a"] and held["a"] == held["a+b"] == held["pattern"]
 
     (data / "a" / "records.jsonl").write_bytes(jsonl([{"text": f"a record {i}"} for i in range(200)]))
@@ -250,7 +246,7 @@ def test_a_files_split_does_not_depend_on_the_other_inputs(tmp_path):
     for label, inputs in (("a", [data / "a"]), ("a+b", [data / "a", data / "b"])):
         root = tmp_path / f"records-{label}"
         prepare.prepare_corpus(str(root), [str(p) for p in inputs], heldout_fraction=0.2)
-        records[label] = {d for d in _heldout_documents(root) if d.startswith(b"a record")}
+        records[label] = {d for d in documents(str(root), "heldout") if d.startswith(b"a record")}
     assert records["a"] and records["a"] == records["a+b"]
 
 

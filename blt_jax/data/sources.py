@@ -76,24 +76,10 @@ def _has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def find_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, folders (every file below, hidden ones skipped) and glob patterns (`**` recurses) -> readable
-    files: resolved, de-duplicated, sorted. Empty files and binary plain files (a NUL in the first 8 KB) are
-    skipped; a path that does not exist, a pattern that matches nothing and an input with no readable file
-    are refused."""
-    return sorted(find_inputs(paths), key=lambda f: f.as_posix())
-
-
-def _input_root(item: str) -> Path:
-    """The folder an input's split keys are relative to: a folder itself, a file's own folder, a glob
-    pattern's leading folder without wildcards."""
-    p = Path(item)
-    if p.is_dir():
-        return p.resolve()
-    if p.is_file():
-        return p.resolve().parent
+def _pattern_root(pattern: str) -> Path:
+    """A glob pattern's leading folder, before its first wildcard."""
     fixed = []
-    for part in p.parts:
+    for part in Path(pattern).parts:
         if _has_glob(part):
             break
         fixed.append(part)
@@ -101,9 +87,12 @@ def _input_root(item: str) -> Path:
 
 
 def find_inputs(paths: Iterable[str | os.PathLike]) -> dict[Path, Path]:
-    """`find_files`'s files, each with the root its split key is relative to (`input_files`): the innermost
-    root (`_input_root`) of the inputs that found it, so adding or removing other inputs never moves a file
-    between the training and held-out splits."""
+    """Files, folders (every file below, hidden ones skipped) and glob patterns (`**` recurses) -> readable
+    files (resolved, de-duplicated), each with the folder its split key is relative to (`input_files`): the
+    folder given, a file's own folder, or a pattern's folder before its first wildcard; the innermost of them
+    when several inputs name the file, so adding or removing other inputs never moves a file between the
+    training and held-out splits. Empty files and binary plain files (a NUL in the first 8 KB) are skipped; a
+    path that does not exist, a pattern that matches nothing and an input with no readable file are refused."""
     given = [str(p) for p in paths]
     if not given:
         raise ValueError("no data paths given")
@@ -113,15 +102,16 @@ def find_inputs(paths: Iterable[str | os.PathLike]) -> dict[Path, Path]:
         if p.is_dir():
             candidates = [f for f in p.rglob("*")
                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            root = p.resolve()
         elif p.is_file():
-            candidates = [p]
+            candidates, root = [p], p.resolve().parent
         elif _has_glob(item):
             candidates = [Path(m) for m in sorted(glob.glob(item, recursive=True)) if Path(m).is_file()]
             if not candidates:
                 raise FileNotFoundError(f"no files match {item}")
+            root = _pattern_root(item)
         else:
             raise FileNotFoundError(f"data path does not exist: {item}")
-        root = _input_root(item)
         for f in candidates:
             if f.stat().st_size > 0 and (file_format(f) != "text" or not _is_binary(f)):
                 f = f.resolve()
