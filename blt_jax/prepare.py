@@ -95,8 +95,8 @@ def plan_corpus(data: Sequence[str] | None = None, heldout_fraction: float = 0.0
     file); records one by one, by a hash of (that path, line or row).
 
     `max_train_bytes` (text files only) keeps a deterministic pseudo-random subset of the training files
-    (ordered by a hash of their paths, so the subset spans the whole corpus) up to that many bytes; the
-    held-out split is never truncated."""
+    (ordered by a hash of the same relative paths the split uses, so the subset spans the whole corpus and does
+    not depend on where it lies on disk) up to that many bytes; the held-out split is never truncated."""
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
     if shard_tokens < 1:
@@ -124,7 +124,7 @@ def plan_corpus(data: Sequence[str] | None = None, heldout_fraction: float = 0.0
                               "(.jsonl, .parquet)")
         kept, total = set(), 0
         for f in sorted((f for f in texts if text_split[f.name] == "train"),
-                        key=lambda f: hashlib.sha256(f.path.as_posix().encode()).digest()):
+                        key=lambda f: (hashlib.sha256(f.split_name.encode()).digest(), f.name)):
             if total >= max_train_bytes:
                 break
             kept.add(f.name)

@@ -250,6 +250,20 @@ def test_a_files_split_does_not_depend_on_the_other_inputs(tmp_path):
     assert records["a"] and records["a"] == records["a+b"]
 
 
+def test_the_capped_training_subset_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    """`max_train_bytes` keeps the same files of the same corpus wherever it is on disk (the quickstart's 3 MB
+    subset of the standard library must not change with the Python installation's prefix)."""
+    plans = []
+    for place in ("here", "elsewhere/deeper"):
+        folder = tmp_path / place / "corpus"
+        folder.mkdir(parents=True)
+        for i in range(60):
+            (folder / f"doc{i:03d}.txt").write_text(f"document {i}\n" * 10)
+        plans.append(prepare.plan_corpus([str(folder)], 0.1, max_train_bytes=2_000))
+    kept = [{n for n, s in p.text_split.items() if s == "train"} for p in plans]
+    assert 0 < len(kept[0]) < 50 and kept[0] == kept[1]
+
+
 # ---- the same store from 1 and 2 processes ------------------------------------------------------------------
 
 def _pod_corpus(base: Path) -> Path:
