@@ -425,7 +425,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("--store", help="heldout: data store root (default: the run's)")
     e.add_argument("--split", default="heldout", choices=("heldout", "train"), help="heldout: the split")
     e.add_argument("--batches", type=positive_int, default=None, help="heldout: eval batches (default: the run's)")
-    e.add_argument("--files", nargs="+", help="bpb: files/folders to score")
+    e.add_argument("--files", nargs="+", help="bpb: files, folders or glob patterns to score")
     e.add_argument("--window", type=positive_int, help="bpb: bytes per window, each scored from BOS (default: the "
                                                        "run's training sequence length)")
     e.add_argument("--items", type=positive_int, help="items (default: 100 multiple choice, 50 translate/continuation, "

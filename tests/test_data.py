@@ -12,9 +12,10 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import zstandard
 
 from blt_jax.config import DataConfig, PatchingConfig
-from blt_jax.data import corpus, store
+from blt_jax.data import corpus, sources, store
 from blt_jax.data.pipeline import LMWindows, PatchedWindows, WindowSource, make_eval_batches, make_train_iterator
 from blt_jax.patching import start_flags
 from blt_jax.tokenizer import BOS_ID, EOS_ID, decode_bytes, encode
@@ -119,7 +120,7 @@ def test_default_split_holds_out_a_few_files():
     assert 0 < len(heldout) < 0.05 * len(files) and len(train) + len(heldout) == len(files)
 
 
-def test_collect_files_filters_and_dedups(tmp_path):
+def test_text_files_filters_and_dedups(tmp_path):
     (tmp_path / "sub" / ".hidden_dir").mkdir(parents=True)
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "sub" / "b.py").write_text("print(1)")
@@ -128,16 +129,20 @@ def test_collect_files_filters_and_dedups(tmp_path):
     (tmp_path / "sub" / ".hidden_dir" / "c.txt").write_text("secret")
     (tmp_path / "sub" / "blob.bin").write_bytes(b"abc\0def")
     (tmp_path / "sub" / "empty.txt").write_bytes(b"")
-    got = corpus.collect_files([str(tmp_path), str(tmp_path / "a.txt"), str(tmp_path / "sub")])
+    (tmp_path / "sub" / "rows.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n'))
+    got = sources.text_files([str(tmp_path), str(tmp_path / "a.txt"), str(tmp_path / "sub")])
     assert [f.relative_to(tmp_path.resolve()).as_posix() for f in got] == ["a.txt", "sub/b.py", "sub/latin1.txt"]
+    # glob patterns follow the same rules as `blt prepare --data` (they were refused as missing paths)
+    got = sources.text_files([str(tmp_path / "**" / "*.py"), str(tmp_path / "sub" / "*.txt")])
+    assert [f.relative_to(tmp_path.resolve()).as_posix() for f in got] == ["sub/b.py", "sub/latin1.txt"]
     with pytest.raises(FileNotFoundError, match="missing"):
-        corpus.collect_files([str(tmp_path / "missing")])
+        sources.text_files([str(tmp_path / "missing")])
 
 
 def test_empty_corpus_names_the_path(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match=str(tmp_path)):
-        corpus.collect_files([str(tmp_path)])
+        sources.text_files([str(tmp_path)])
     with pytest.raises(ValueError, match="heldout"):
         store.write_documents(str(tmp_path / "store"), {"train": [b"abc"]})
 

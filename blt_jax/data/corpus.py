@@ -20,7 +20,6 @@ from pathlib import Path
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
                         "lib-dynload"})
 _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
-_BINARY_PROBE = 8192
 
 
 def stdlib_root() -> Path:
@@ -96,29 +95,3 @@ def common_root(files: Iterable[Path]) -> Path:
     return Path(os.path.commonpath(parents))
 
 
-def _is_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" in f.read(_BINARY_PROBE)
-
-
-def collect_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """User data: the given files plus every file under the given folders, as raw bytes (any encoding).
-
-    Hidden entries under a folder, empty files and binary files (a NUL byte in the first 8 KB) are skipped.
-    Returns resolved paths, de-duplicated and sorted.
-    """
-    paths = [Path(p) for p in paths]
-    found: set[Path] = set()
-    for p in paths:
-        if p.is_dir():
-            candidates = [f for f in p.rglob("*")
-                          if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-        elif p.is_file():
-            candidates = [p]
-        else:
-            raise FileNotFoundError(f"data path does not exist: {p}")
-        found.update(f.resolve() for f in candidates if f.stat().st_size > 0 and not _is_binary(f))
-    if not found:
-        searched = ", ".join(str(p) for p in paths) or "(no paths given)"
-        raise ValueError(f"empty corpus: no non-empty text files found in {searched}")
-    return sorted(found, key=lambda f: f.as_posix())

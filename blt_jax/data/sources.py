@@ -123,6 +123,17 @@ def find_inputs(paths: Iterable[str | os.PathLike]) -> dict[Path, Path]:
     return found
 
 
+def text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The files `find_inputs` finds (same rules: folders, files, glob patterns; hidden, empty and binary text
+    files skipped), less the binary ones of any format (compressed or Parquet), sorted: for reading raw bytes."""
+    paths = list(paths)
+    files = sorted((f for f in find_inputs(paths) if not _is_binary(f)), key=lambda f: f.as_posix())
+    if not files:
+        raise ValueError(f"no text files in {', '.join(str(p) for p in paths)} (compressed and Parquet files are "
+                         "binary; `blt prepare` reads their records)")
+    return files
+
+
 def _relative_name(f: Path, base: Path) -> str:
     """f relative to base (absolute where f lies outside it)."""
     try:

@@ -103,8 +103,9 @@ def continuation_logprob(model: LoadedModel, pairs: Sequence[tuple[bytes | str, 
 
 
 def _read_sources(paths_or_texts: Iterable) -> list[tuple[str, bytes]]:
-    """(name, bytes) per document: bytes are texts; str/PathLike are files or folders (every text file under)."""
-    from blt_jax.data.corpus import collect_files  # noqa: PLC0415
+    """(name, bytes) per document: bytes are texts; str/PathLike are files, folders (every text file under) or
+    glob patterns."""
+    from blt_jax.data.sources import text_files  # noqa: PLC0415
 
     if isinstance(paths_or_texts, (str, bytes, bytearray, os.PathLike)):
         paths_or_texts = [paths_or_texts]  # one path or text, not a sequence of characters
@@ -113,7 +114,7 @@ def _read_sources(paths_or_texts: Iterable) -> list[tuple[str, bytes]]:
         if isinstance(item, (bytes, bytearray)):
             docs.append((f"<text {i}>", bytes(item)))
         elif isinstance(item, (str, os.PathLike)):
-            for f in collect_files([item]):
+            for f in text_files([item]):
                 docs.append((str(f), Path(f).read_bytes()))
         else:
             raise TypeError(f"item {i}: expected a path (str/PathLike) or a text (bytes), got {type(item).__name__}")
@@ -127,8 +128,8 @@ def windows(data: bytes, window: int) -> list[bytes]:
 
 def bits_per_byte(model: LoadedModel, paths_or_texts: Iterable, window: int = 1024, batch_size: int = 8) -> dict:
     """Bits per byte over documents split into windows of `window` bytes, each scored from its own BOS
-    (document style, like training). `paths_or_texts`: file or folder paths (str/PathLike; folders
-    contribute every non-empty text file under them) and/or raw texts as bytes."""
+    (document style, like training). `paths_or_texts`: files, folders or glob patterns (str/PathLike;
+    folders contribute every non-empty text file under them) and/or raw texts as bytes."""
     if window < 1:
         raise ValueError(f"window must be >= 1 byte, got {window}")
     docs = _read_sources(paths_or_texts)
