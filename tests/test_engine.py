@@ -30,13 +30,51 @@ def plain():
 
 
 def test_cached_ar_stays_exact_across_ring_wraps_and_prefill_chunks(plain):
-    """Prompts longer than a prefill chunk (256) and generations that wrap every local ring (window 64)
+    """Prompts longer than a prefill chunk (256; the 400-byte one's first chunk is beyond the decoder's reach,
+    so its prefill leaves the decoder out there) and generations that wrap every local ring (window 64)
     several times: cached AR and BLT-S still equal the no-cache forward."""
-    ps = long_prompts([300, 20], seed=1)
+    ps = long_prompts([400, 20], seed=1)
     want = ids_of(api.generate(plain, ps, max_new_bytes=100, method="ar-nocache", stop_at_eos=False))
     assert_same(ids_of(api.generate(plain, ps, max_new_bytes=100, method="ar", stop_at_eos=False)), want, "AR")
     assert_same(ids_of(api.generate(plain, ps, max_new_bytes=100, method="s", draft_len=6, stop_at_eos=False)),
                 want, "BLT-S")
+
+
+def test_prefill_leaves_out_the_decoder_beyond_its_reach_and_stays_exact(plain, monkeypatch):
+    """A long prompt's prefill runs the decoder only on chunks within n_layers x window (+ the ring's slack)
+    bytes of some row's end (the rest is never read again); the decoder's caches, the next byte's logits and
+    BLT-D's first block come out as with the decoder run on every chunk (generation from such prompts: the
+    ring-wrap test above)."""
+    C, reach = samplers.PREFILL_CHUNK, engine.decoder_reach(plain.spec, slack=4)
+    assert reach == plain.cfg.decoder.n_layers * plain.cfg.decoder.window + 4 == 132
+    skipped = lambda *lengths: int(samplers.chunks_without_decoder(C, jnp.asarray(lengths), reach))  # noqa: E731
+    assert skipped(C + reach) == 1 and skipped(C + reach - 1) == 0  # one byte shorter: chunk 0 is within reach
+    assert skipped(3 * C + reach + 7) == 3 and skipped(reach - 5) == 0
+    assert skipped(3 * C + reach, C + reach) == 1  # a batch leaves out only what every row can
+    assert int(samplers.chunks_without_decoder(C, jnp.asarray([10 * C]), None)) == 0  # unwindowed: never
+
+    def prefill(model, method, prompt):
+        batch = prepare_prompts([prompt], 8, extra_positions=method.lookahead)
+        run = jax.jit(lambda params, tokens, lengths: samplers._prefill(
+            model.spec, method, params, tokens, lengths, jnp.asarray([8]), jnp.zeros((1, 2), jnp.uint32), None,
+            batch.prompt_len, jnp.float32))  # a new jit: traces with whatever decoder_reach says now
+        return run(model.all_params(), jnp.asarray(batch.tokens), jnp.asarray(batch.lengths))
+
+    blt_d = random_model(block_size=4, seed=2)
+    cases = [(plain, samplers.MethodConfig("ar")), (blt_d, samplers.MethodConfig("d", block_size=4))]
+    for model, method in cases:
+        r = engine.decoder_reach(model.spec, method.lookahead)
+        for prompt in long_prompts([C + r - 1], seed=3):  # BOS + C + r - 1 bytes: chunk 0 is just left out
+            left_out = prefill(model, method, prompt)
+            with monkeypatch.context() as m:
+                m.setattr(engine, "decoder_reach", lambda spec, slack: None)
+                full = prefill(model, method, prompt)
+            for name, a, b in (("next logits", left_out.state.next_logits, full.state.next_logits),
+                               ("block logits", left_out.block_logits, full.block_logits),
+                               ("decoder caches", left_out.state.decoder_kv, full.state.decoder_kv)):
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5,
+                                               err_msg=f"{method.method}, {len(prompt)} bytes: {name}")
 
 
 def _prefilled(model, prompt: bytes, method: samplers.MethodConfig):

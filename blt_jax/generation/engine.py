@@ -348,12 +348,21 @@ def block_mask(window: Optional[int], chunk_pos, n, block_pos) -> jax.Array:
 
 # ---- primitives -------------------------------------------------------------------------------------------------
 
+def decoder_reach(spec: ModelSpec, slack: int) -> Optional[int]:
+    """How far back from a row's end its bytes still matter to the decoder's caches, or None (no window: all
+    the way). Layer l's keys at p need layer l - 1's output at p, which reads keys in (p - W, p]; the ring
+    keeps W + slack positions. So n_layers x W + slack bytes bound what the decoder's ring holds."""
+    dec = spec.cfg.decoder
+    return None if dec.window is None else dec.n_layers * dec.window + slack
+
+
 def extend(spec: ModelSpec, params: dict, state: EngineState, chunk: jax.Array, n: jax.Array,
-           provisional: bool = False, block: Optional[jax.Array] = None):
+           provisional: bool = False, block: Optional[jax.Array] = None, decode: bool = True):
     """Commit chunk[:, :n] (B, T) at each row's `length`. Returns (state, chunk logits (B, T, V), block
     logits (B, Bk, V) or None). `provisional`: also compute the latent of the still-open last patch (the
     latest latent). `block` (B, Bk): diffusion cells placed right after the n committed bytes, decoded in
-    the same decoder pass against the latest latent (BLT-D)."""
+    the same decoder pass against the latest latent (BLT-D). `decode=False` leaves the decoder out (no
+    logits; next_logits unchanged): for prefill chunks beyond every row's `decoder_reach`."""
     cfg = spec.cfg
     blt, em = _models(spec, params)
     dtype = state.enc_h.dtype
@@ -391,6 +400,11 @@ def extend(spec: ModelSpec, params: dict, state: EngineState, chunk: jax.Array, 
     state, global_ran = _latents(spec, blt, state, state.num_closed, hi, L + n, T + int(provisional), T, active,
                                  compact=T == 1 and not provisional)
 
+    one = active.astype(jnp.int32)
+    if not decode:
+        return state.replace(num_closed=closed, counters=add_counts(
+            state, encoder_calls=one, global_calls=global_ran, entropy_calls=one if em is not None else 0 * one)), \
+            None, None
     reads = patch + starts[:, 1:].astype(jnp.int32) - 1  # the decoder at t reads p(t + 1) - 1
     dec_h, dec_pos, new_mask = h, pos, causal_mask(pos, pos, cfg.decoder.window)
     if block is not None:
@@ -402,7 +416,6 @@ def extend(spec: ModelSpec, params: dict, state: EngineState, chunk: jax.Array, 
         new_mask = block_mask(cfg.decoder.window, pos, n, bpos)
     state, logits = decode_pass(spec, blt, state, dec_h, dec_pos, reads, new_mask, L, n)
     next_logits = jnp.where(active[:, None], gather(logits[:, :T], jnp.maximum(n - 1, 0)), state.next_logits)
-    one = active.astype(jnp.int32)
     state = state.replace(num_closed=closed, next_logits=next_logits,
                           counters=add_counts(state, decoder_calls=one, encoder_calls=one, global_calls=global_ran,
                                               entropy_calls=one if em is not None else 0 * one))

@@ -253,6 +253,14 @@ def _check(spec: ModelSpec) -> None:
                           "incremental at the newest byte; cached generation needs it off (use ar-nocache)")
 
 
+def chunks_without_decoder(chunk: int, lengths, reach: Optional[int]):
+    """How many leading prefill chunks end at least `reach` bytes before every row's end (so the decoder's
+    work on them is never read); 0 without a reach (an unwindowed decoder)."""
+    if reach is None:
+        return jnp.asarray(0, jnp.int32)
+    return jnp.maximum(jnp.min(lengths) - reach, 0) // chunk
+
+
 def _prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys, sampling,
              prompt_len: int, dtype) -> Carry:
     """Extend every row's prompt through the caches in fixed-size chunks (a `fori_loop`): time linear in the
@@ -270,15 +278,26 @@ def _prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, length
     V = st.next_logits.shape[-1]
     blk = jnp.zeros((B, Bk, V), jnp.float32)
 
-    def chunk(i, loop):
+    def chunk(i, loop, decode=True):
         st, blk = loop
         n = jnp.clip(lengths - i * C, 0, C)
-        st, _, new_blk = engine.extend(spec, params, st, jax.lax.dynamic_slice_in_dim(prompt, i * C, C, axis=1), n,
-                                       provisional=first_block, block=mask_cells if first_block else None)
+        piece = jax.lax.dynamic_slice_in_dim(prompt, i * C, C, axis=1)
+        if not decode:
+            return engine.extend(spec, params, st, piece, n, provisional=first_block, decode=False)[0], blk
+        st, _, new_blk = engine.extend(spec, params, st, piece, n, provisional=first_block,
+                                       block=mask_cells if first_block else None)
         return st, (jnp.where((n > 0)[:, None, None], new_blk, blk) if first_block else blk)
 
     counters = st.counters
-    st, blk = jax.lax.fori_loop(0, n_chunks, chunk, (st, blk))
+    reach = engine.decoder_reach(spec, layout.slack)
+    if reach is None or prompt_len - reach < C:  # no chunk of this bucket can be beyond the decoder's reach
+        st, blk = jax.lax.fori_loop(0, n_chunks, chunk, (st, blk))
+    else:
+        # the decoder's work on bytes beyond its reach from every row's end is never read: the first chunks of
+        # a long prompt leave it out (two loops, not a cond per chunk: a cond would copy the state every chunk)
+        skip = chunks_without_decoder(C, lengths, reach)
+        loop = jax.lax.fori_loop(0, skip, partial(chunk, decode=False), (st, blk))
+        st, blk = jax.lax.fori_loop(skip, n_chunks, chunk, loop)
     ran = st.counters["global_calls"] > 0
     one = jnp.ones((B,), jnp.int32)  # the prompt pass counts once per network, however many chunks it took
     st = st.replace(counters={**counters, "decoder_calls": one, "encoder_calls": one,
