@@ -217,7 +217,7 @@ def cmd_prepare(args) -> int:
     if not args.entropy_run or args.data or not _has_tokens(root):
         t = time.time()
         plan = prepare.plan_corpus(args.data, args.heldout_fraction, args.max_train_bytes, args.text_field,
-                                   args.shard_tokens)
+                                   args.shard_tokens, store_root=root)
         if plan.matches(_manifest(root)) and not args.overwrite:
             say(f"{root} already holds this corpus (same files and options): nothing to do (--overwrite "
                 "prepares it again)")
@@ -452,10 +452,13 @@ def _eval_parser(sub) -> None:
 # ---- generate ----------------------------------------------------------------------------------------------
 
 def _read_prompts(args) -> list[bytes]:
-    """Prompts as bytes (a byte model takes any): arguments as the OS passed them, files and stdin raw."""
+    """Prompts as bytes (a byte model takes any): arguments as the OS passed them, files and stdin raw. Stdin
+    is read with --stdin, or when it is piped and no other prompt is given (never behind --file's back: in a
+    shell loop or under cron it holds something else)."""
     prompts = [os.fsencode(p) for p in args.prompts or []]  # undecodable argv bytes come back exactly
+    piped = not prompts and not args.file and not sys.stdin.isatty()
     sources = ([Path(args.file).read_bytes()] if args.file else []) + \
-        ([sys.stdin.buffer.read()] if args.stdin or (not prompts and not sys.stdin.isatty()) else [])
+        ([sys.stdin.buffer.read()] if args.stdin or piped else [])
     for data in sources:
         prompts += [line for line in data.split(b"\n") if line] if args.one_per_line else [data]
     return prompts
@@ -498,7 +501,8 @@ def _generate_parser(sub) -> None:
     g.add_argument("--checkpoint", required=True, help="BLT run directory")
     g.add_argument("prompts", nargs="*", help="prompt strings")
     g.add_argument("--file", help="read prompts from a file")
-    g.add_argument("--stdin", action="store_true", help="read prompts from standard input")
+    g.add_argument("--stdin", action="store_true", help="read prompts from standard input (also read, without this "
+                   "flag, when it is piped and no prompt or --file is given)")
     g.add_argument("--one-per-line", action="store_true", help="each line of --file/--stdin is a prompt")
     g.add_argument("--max-new-bytes", type=positive_int, default=128)
     g.add_argument("--seed", type=int, default=0, help="sampling")

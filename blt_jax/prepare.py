@@ -88,7 +88,7 @@ class CorpusPlan:
 
 def plan_corpus(data: Sequence[str] | None = None, heldout_fraction: float = 0.02,
                 max_train_bytes: int | None = None, text_field: str = "text",
-                shard_tokens: int = store.WRITE_CHUNK) -> CorpusPlan:
+                shard_tokens: int = store.WRITE_CHUNK, store_root: str | None = None) -> CorpusPlan:
     """The embedded default corpus (CPython's standard library source and docs text), or the user's files,
     folders and glob patterns. Text files are held out whole by a hash of their path relative to the input
     that names them (`sources.find_inputs`; with at least one file on each side when every input is a text
@@ -96,13 +96,15 @@ def plan_corpus(data: Sequence[str] | None = None, heldout_fraction: float = 0.0
 
     `max_train_bytes` (text files only) keeps a deterministic pseudo-random subset of the training files
     (ordered by a hash of the same relative paths the split uses, so the subset spans the whole corpus and does
-    not depend on where it lies on disk) up to that many bytes; the held-out split is never truncated."""
+    not depend on where it lies on disk) up to that many bytes; the held-out split is never truncated.
+
+    Files under `store_root` (the store being written, when it lies inside an input folder) are never inputs."""
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if data:
-        roots = sources.find_inputs(data)
+        roots = sources.find_inputs(data, exclude=store_root)
         paths = sorted(roots, key=lambda f: f.as_posix())
         base = corpus.common_root(paths)
         description = "user files: " + ", ".join(str(d) for d in data)
@@ -226,6 +228,11 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
             return existing
         raise ConfigError(f"--store {root}: already holds a data store ({existing.get('corpus', 'unknown corpus')}); "
                           "--overwrite replaces it, with its entropies and threshold")
+    foreign = store.foreign_keys(root)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"--store {root}: holds files that are not a data store's ({shown}); nothing was "
+                          "changed: give a new or empty folder")
     procs.barrier("blt_jax: prepare: store inspected")  # every process decided before anything changes
     if procs.index == 0:
         store.clear(root)
@@ -288,7 +295,7 @@ def prepare_corpus(root: str, data: Sequence[str] | None = None, heldout_fractio
                    max_train_bytes: int | None = None, *, text_field: str = "text", strict: bool = False,
                    overwrite: bool = False, shard_tokens: int = store.WRITE_CHUNK, progress: bool = False) -> dict:
     """plan_corpus + write_corpus: tokenise a corpus into a store at `root`; returns the manifest."""
-    plan = plan_corpus(data, heldout_fraction, max_train_bytes, text_field, shard_tokens)
+    plan = plan_corpus(data, heldout_fraction, max_train_bytes, text_field, shard_tokens, store_root=root)
     return write_corpus(root, plan, strict=strict, overwrite=overwrite, progress=progress)
 
 

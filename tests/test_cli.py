@@ -1,5 +1,6 @@
 """The `blt` command line: real subcommands on a real (tiny) trained run."""
 
+import io
 import json
 import subprocess
 import sys
@@ -72,6 +73,16 @@ def test_generate_rejects_an_empty_prompt(tiny_runs, capsys):
 def test_generate_refuses_an_entropy_run(tiny_runs, capsys):
     assert main(["generate", "--checkpoint", str(tiny_runs[2]), "abc"]) == 2
     assert "entropy" in capsys.readouterr().err
+
+
+def test_generate_file_leaves_a_piped_stdin_alone(monkeypatch, tmp_path):
+    """`--file` inside a shell loop (stdin piped: the loop's own input) once also read stdin as a prompt."""
+    (tmp_path / "p.txt").write_bytes(b"def f(")
+    args = cli.build_parser().parse_args(["generate", "--checkpoint", "run", "--file", str(tmp_path / "p.txt")])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"p.txt\np.txt\n")))
+    assert cli._read_prompts(args) == [b"def f("]
+    args = cli.build_parser().parse_args(["generate", "--checkpoint", "run"])
+    assert cli._read_prompts(args) == [b"p.txt\np.txt\n"]  # no prompt and no --file: the pipe is the prompt
 
 
 def test_module_entry_point():

@@ -76,6 +76,52 @@ def test_prepare_refuses_an_existing_store_unless_overwrite(tmp_path, capsys):
     assert "patching_threshold" not in manifest and manifest["corpus"].endswith(str(b))
 
 
+def test_prepare_never_deletes_files_that_are_not_a_stores(tmp_path, capsys):
+    """`--store` naming a folder of the user's own files (here: the input corpus itself, under train/, or a
+    run folder) used to clear train/ and heldout/ and write into it; now it is refused and nothing changes.
+    A store inside an input folder is not read as input, so the same command again changes nothing."""
+    project = tmp_path / "project"
+    (project / "train").mkdir(parents=True)
+    for i in range(4):
+        (project / "train" / f"notes{i}.md").write_text(f"my notes, part {i}\n" * 30)
+    (tmp_path / "other.txt").write_text("another corpus\n" * 40)
+    (tmp_path / "more.txt").write_text("and more of it\n" * 40)
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        assert main(["prepare", "--data", str(project / "train"), "--store", str(project), "--no-progress",
+                     *extra]) == 2
+        assert "lies inside the store folder" in capsys.readouterr().err
+        assert main(["prepare", "--data", str(tmp_path / "other.txt"), str(tmp_path / "more.txt"), "--store",
+                     str(project), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "not a data store's" in err and "train/notes0.md" in err and "nothing was changed" in err
+        assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}\n" * 40)
+    inside = str(corpus / "store")
+    assert main(["prepare", "--data", str(corpus), "--store", inside, "--no-progress"]) == 0
+    docs = store.read_manifest(inside)["train"]["num_docs"] + store.read_manifest(inside)["heldout"]["num_docs"]
+    assert docs == 4  # the store's own files are not documents
+    capsys.readouterr()
+    assert main(["prepare", "--data", str(corpus), "--store", inside, "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["prepare", "--data", str(corpus), "--store", inside, "--no-progress", "--overwrite"]) == 0
+    assert store.read_manifest(inside)["train"]["num_docs"] + store.read_manifest(inside)["heldout"]["num_docs"] == 4
+
+
+def test_a_damaged_manifest_is_named(tmp_path, capsys):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "manifest.json").write_text("hi\n")
+    (tmp_path / "a.txt").write_text("text\n" * 10)
+    (tmp_path / "b.txt").write_text("more text\n" * 10)
+    assert main(["prepare", "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--store",
+                 str(tmp_path / "store"), "--no-progress"]) == 2
+    assert "manifest.json is not a blt data store manifest (invalid JSON" in capsys.readouterr().err
+
+
 # ---- 6: entropies are valid only when complete; a partial computation is refused and resumes ---------------
 
 class Interrupted(Exception):

@@ -86,19 +86,23 @@ def _pattern_root(pattern: str) -> Path:
     return Path(*fixed).resolve() if fixed else Path.cwd()
 
 
-def find_inputs(paths: Iterable[str | os.PathLike]) -> dict[Path, Path]:
+def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None) -> dict[Path, Path]:
     """Files, folders (every file below, hidden ones skipped) and glob patterns (`**` recurses) -> readable
     files (resolved, de-duplicated), each with the folder its split key is relative to (`input_files`): the
     folder given, a file's own folder, or a pattern's folder before its first wildcard; the innermost of them
     when several inputs name the file, so adding or removing other inputs never moves a file between the
     training and held-out splits. Empty files and binary plain files (a NUL in the first 8 KB) are skipped; a
-    path that does not exist, a pattern that matches nothing and an input with no readable file are refused."""
+    path that does not exist, a pattern that matches nothing and an input with no readable file are refused.
+    Files under the folder `exclude` (a store being written inside an input) are left out."""
     given = [str(p) for p in paths]
+    skip = Path(exclude).resolve() if exclude is not None and "://" not in os.fspath(exclude) else None
     if not given:
         raise ValueError("no data paths given")
     found: dict[Path, Path] = {}
     for item in given:
         p = Path(item)
+        if skip is not None and (_pattern_root(item) if _has_glob(item) else p.resolve()).is_relative_to(skip):
+            raise ValueError(f"{item}: lies inside the store folder {exclude}; keep the data and the store apart")
         if p.is_dir():
             candidates = [f for f in p.rglob("*")
                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
@@ -113,6 +117,8 @@ def find_inputs(paths: Iterable[str | os.PathLike]) -> dict[Path, Path]:
         else:
             raise FileNotFoundError(f"data path does not exist: {item}")
         for f in candidates:
+            if skip is not None and f.resolve().is_relative_to(skip):
+                continue
             if f.stat().st_size > 0 and (file_format(f) != "text" or not _is_binary(f)):
                 f = f.resolve()
                 if f not in found or len(root.parts) > len(found[f].parts):

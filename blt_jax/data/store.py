@@ -96,7 +96,10 @@ def read_manifest(root: str | os.PathLike) -> dict:
     result = _kvstore(root).read(MANIFEST).result()
     if result.state != "value":
         raise FileNotFoundError(f"no data store at {root}: {MANIFEST} is missing (prepare the data first)")
-    return json.loads(result.value)
+    try:
+        return json.loads(result.value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{root}: {MANIFEST} is not a blt data store manifest (invalid JSON: {e})") from None
 
 
 def manifest_or_none(root: str | os.PathLike) -> dict | None:
@@ -116,6 +119,17 @@ def update_manifest(root: str | os.PathLike, drop: Sequence[str] = (), **fields)
     manifest.update(fields)
     _write_manifest(root, manifest)
     return manifest
+
+
+def foreign_keys(root: str | os.PathLike) -> list[str]:
+    """Keys under `root` that are not a store's (manifest, staging, arrays under the splits), sorted: the
+    user's files, which `clear` must never take with it."""
+    keys = sorted(k.decode() for k in _kvstore(root).list().result())
+    arrays = {k[:-len("zarr.json")] for k in keys if k.endswith("/zarr.json") and k.split("/", 1)[0] in SPLITS}
+
+    def ours(key: str) -> bool:
+        return key.startswith((MANIFEST, STAGING + "/")) or any(key.startswith(a) for a in arrays)
+    return [k for k in keys if not ours(k)]
 
 
 def clear(root: str | os.PathLike) -> None:
