@@ -143,8 +143,26 @@ def test_a_rerun_continues_a_killed_job_without_recompiling(job, capsys):
     assert (summary["skipped"], summary["generated"] + summary["errors"]) == (5, len(full) - 5)
     assert [f._cache_size() for f in (samplers.prefill, samplers.advance, samplers.insert_rows)] == caches
     again = bulk.generate_file(model, str(base / "in.jsonl"), str(killed), api.method_config(model, "ar"),
-                               batch_size=BATCH, max_positions=POSITIONS, progress=False)
+                               batch_size=BATCH, max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
+                               progress=False)
     assert again["skipped"] == len(full) and killed.read_text() == "".join(full)
+
+
+def test_a_rerun_with_other_settings_is_refused_not_mixed_in(job, capsys):
+    """Resuming an output with another method, temperature or seed once appended records made differently
+    to the old ones without a word."""
+    _, run, base, _ = job
+    out = base / "resume.jsonl"
+    out.write_text((base / "out.jsonl").read_text().splitlines(keepends=True)[0])
+    bulk.settings_path(out).write_text((bulk.settings_path(base / "out.jsonl")).read_text())
+    before = out.read_text()
+    for extra, changed in ((["--temperature", "0.9"], "sampling"), (["--method", "s"], "method 'ar' -> 's'"),
+                           (["--seed", str(SEED + 1)], f"seed {SEED} -> {SEED + 1}")):
+        assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(out),
+                     *FLAGS, *extra]) == 2  # the last --seed wins
+        err = capsys.readouterr().err
+        assert "its records were made with other settings" in err and changed in err, err
+        assert out.read_text() == before
 
 
 def test_refuses_an_output_it_did_not_write_and_options_without_input(job, capsys):
@@ -178,6 +196,18 @@ def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_t
                            ordered=True, progress=False)
     assert programs.frees == before + 1  # once: the count it left is well below the limit
     assert out.read_text() == (base / "ordered.jsonl").read_text()
+
+
+def test_a_misspelt_setting_is_an_error_not_a_default():
+    """A record's `temprature` or `max_tokens` once ran silently with the default; other extra fields are the
+    user's metadata and pass."""
+    for key, name in (("temprature", "temperature"), ("max_new_byte", "max_new_bytes"), ("topk", "top_k"),
+                      ("max_tokens", "max_new_bytes")):
+        with pytest.raises(bulk.RecordError, match=f"{key}: not a field; did you mean {name}"):
+            bulk.record_settings({"prompt": "a", key: 1}, bulk.Defaults())
+    prompt, budget, _, _ = bulk.record_settings({"prompt": "a", "source": "x", "uid": 3, "max_new_bytes": 5},
+                                                bulk.Defaults())
+    assert (prompt, budget) == (b"a", 5)
 
 
 def test_maps_that_freeing_cannot_release_are_not_freed_again(monkeypatch):

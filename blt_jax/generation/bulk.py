@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import difflib
 import functools
 import heapq
 import json
@@ -312,8 +313,19 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+RECORD_FIELDS = ("id", "prompt", "max_new_bytes", "temperature", "top_k", "top_p", "seed")
+_OTHER_NAMES = {"max_tokens": "max_new_bytes"}  # the server's (OpenAI's) name for it
+
+
 def record_settings(rec: dict, defaults: Defaults) -> tuple[bytes, int, SamplingConfig, int]:
-    """(prompt bytes, budget, sampling, seed) of a record, or RecordError naming the bad field."""
+    """(prompt bytes, budget, sampling, seed) of a record, or RecordError naming the bad field. Other fields
+    are the user's (metadata) and ignored, except near-misses of a setting's name: a typo would otherwise run
+    the record with the default silently."""
+    for key in rec:
+        near = [] if key in RECORD_FIELDS else \
+            [_OTHER_NAMES[key]] if key in _OTHER_NAMES else difflib.get_close_matches(key, RECORD_FIELDS[2:6], 1, 0.8)
+        if near:
+            raise RecordError(f"{key}: not a field; did you mean {near[0]}?")
     prompt = rec.get("prompt")
     if not isinstance(prompt, str):
         raise RecordError("prompt: missing" if prompt is None else f"prompt: must be a string, got {prompt!r:.40}")
@@ -529,6 +541,44 @@ class _Tally:
     new_bytes: int = 0
 
 
+def output_settings(method: samplers.MethodConfig, defaults: Defaults, stop_at_eos: bool) -> dict:
+    """What decides an output's records besides the records themselves (the method's options that apply to
+    it, the flags' defaults): a resumed run must use the same, or its records would mix with other ones."""
+    m = {"method": method.method}
+    if method.method == "s":
+        m["draft_len"] = method.draft_len
+    if method.method in ("d", "dv"):
+        m.update(block_size=method.block_size, unmask=dataclasses.asdict(method.unmask))
+    return json.loads(json.dumps({**m, "max_new_bytes": defaults.max_new_bytes, "seed": defaults.seed,
+                                  "sampling": dataclasses.asdict(defaults.sampling), "stop_at_eos": stop_at_eos}))
+
+
+def settings_path(output: Path) -> Path:
+    return output.with_name(output.name + ".settings.json")
+
+
+def check_settings(output: Path, settings: dict, has_records: bool, write: bool = True) -> None:
+    """Refuse to add to an output written with other settings; record this run's next to a new one (`write`:
+    the one process of a job that writes it; every process checks, so all of them stop together)."""
+    path = settings_path(output)
+    if has_records and path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"{path}: unreadable (not JSON); delete it to continue {output} as it is") from None
+        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
+                   if before.get(k) != settings.get(k)]
+        if changed:
+            raise ValueError(f"--output {output}: its records were made with other settings ({'; '.join(changed)}); "
+                             "rerun with those, or choose another --output")
+        return
+    if not write:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def generate_file(model: LoadedModel, input: str, output: str, method: MethodConfig,
                   batch_size: int = DEFAULT_BATCH_SIZE, max_positions: int = DEFAULT_MAX_POSITIONS,
                   defaults: Defaults = Defaults(), stop_at_eos: bool = True, ordered: bool = False,
@@ -558,6 +608,8 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
     done = set(in_output)
     for p in _parts(out_path) if processes > 1 else []:
         done |= done_keys(p, indexed=True)
+    if output != "-":
+        check_settings(out_path, output_settings(method, defaults, stop_at_eos), bool(done), write=me == 0)
     if processes > 1:
         _barrier("bulk_generation_scanned")
 
