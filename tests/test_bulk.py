@@ -149,17 +149,19 @@ def test_a_rerun_continues_a_killed_job_without_recompiling(job, capsys):
 
 
 def test_a_rerun_with_other_settings_is_refused_not_mixed_in(job, capsys):
-    """Resuming an output with another method, temperature or seed once appended records made differently
-    to the old ones without a word."""
+    """Resuming an output with other weights (another checkpoint), method, temperature or seed once appended
+    records made differently to the old ones without a word."""
     _, run, base, _ = job
     out = base / "resume.jsonl"
     out.write_text((base / "out.jsonl").read_text().splitlines(keepends=True)[0])
     bulk.settings_path(out).write_text((bulk.settings_path(base / "out.jsonl")).read_text())
     before = out.read_text()
+    other = save_run(random_model(seed=1), base / "other_run")
     for extra, changed in ((["--temperature", "0.9"], "sampling"), (["--method", "s"], "method 'ar' -> 's'"),
-                           (["--seed", str(SEED + 1)], f"seed {SEED} -> {SEED + 1}")):
+                           (["--seed", str(SEED + 1)], f"seed {SEED} -> {SEED + 1}"),
+                           (["--checkpoint", other], "weights")):
         assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(out),
-                     *FLAGS, *extra]) == 2  # the last --seed wins
+                     *FLAGS, *extra]) == 2  # the last --seed (--checkpoint) wins
         err = capsys.readouterr().err
         assert "its records were made with other settings" in err and changed in err, err
         assert out.read_text() == before

@@ -21,6 +21,7 @@ import base64
 import dataclasses
 import difflib
 import functools
+import hashlib
 import heapq
 import json
 import math
@@ -541,10 +542,21 @@ class _Tally:
     new_bytes: int = 0
 
 
-def output_settings(method: samplers.MethodConfig, defaults: Defaults, stop_at_eos: bool) -> dict:
-    """What decides an output's records besides the records themselves (the method's options that apply to
-    it, the flags' defaults): a resumed run must use the same, or its records would mix with other ones."""
-    m = {"method": method.method}
+def weights_digest(model: LoadedModel) -> str:
+    """A short digest of the model's small weights (norm scales and the like; their dtype too): every training
+    step changes them, so two checkpoints of a run, or a float32 and a bfloat16 load, differ."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(model.all_params()):
+        if leaf.size <= 4096:
+            a = np.asarray(leaf)
+            digest.update(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def output_settings(model: LoadedModel, method: samplers.MethodConfig, defaults: Defaults, stop_at_eos: bool) -> dict:
+    """What decides an output's records besides the records themselves (the weights, the method's options that
+    apply to it, the flags' defaults): a resumed run must use the same, or its records would mix with others."""
+    m = {"weights": weights_digest(model), "method": method.method}
     if method.method == "s":
         m["draft_len"] = method.draft_len
     if method.method in ("d", "dv"):
@@ -609,7 +621,7 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
     for p in _parts(out_path) if processes > 1 else []:
         done |= done_keys(p, indexed=True)
     if output != "-":
-        check_settings(out_path, output_settings(method, defaults, stop_at_eos), bool(done), write=me == 0)
+        check_settings(out_path, output_settings(model, method, defaults, stop_at_eos), bool(done), write=me == 0)
     if processes > 1:
         _barrier("bulk_generation_scanned")
 
