@@ -228,11 +228,7 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
             return existing
         raise ConfigError(f"--store {root}: already holds a data store ({existing.get('corpus', 'unknown corpus')}); "
                           "--overwrite replaces it, with its entropies and threshold")
-    foreign = store.foreign_keys(root)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ConfigError(f"--store {root}: holds files that are not a data store's ({shown}); nothing was "
-                          "changed: give a new or empty folder")
+    store.refuse_foreign_files(root)  # here too (clear checks again): every process stops before the barrier
     procs.barrier("blt_jax: prepare: store inspected")  # every process decided before anything changes
     if procs.index == 0:
         store.clear(root)

@@ -101,8 +101,6 @@ def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike |
     found: dict[Path, Path] = {}
     for item in given:
         p = Path(item)
-        if skip is not None and (_pattern_root(item) if _has_glob(item) else p.resolve()).is_relative_to(skip):
-            raise ValueError(f"{item}: lies inside the store folder {exclude}; keep the data and the store apart")
         if p.is_dir():
             candidates = [f for f in p.rglob("*")
                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
@@ -116,11 +114,13 @@ def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike |
             root = _pattern_root(item)
         else:
             raise FileNotFoundError(f"data path does not exist: {item}")
+        if skip is not None and root.is_relative_to(skip):
+            raise ValueError(f"{item}: lies inside the store folder {exclude}; keep the data and the store apart")
         for f in candidates:
-            if skip is not None and f.resolve().is_relative_to(skip):
+            f = f.resolve()
+            if skip is not None and f.is_relative_to(skip):
                 continue
             if f.stat().st_size > 0 and (file_format(f) != "text" or not _is_binary(f)):
-                f = f.resolve()
                 if f not in found or len(root.parts) > len(found[f].parts):
                     found[f] = root
     if not found:
@@ -133,7 +133,8 @@ def text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The files `find_inputs` finds (same rules: folders, files, glob patterns; hidden, empty and binary text
     files skipped), less the binary ones of any format (compressed or Parquet), sorted: for reading raw bytes."""
     paths = list(paths)
-    files = sorted((f for f in find_inputs(paths) if not _is_binary(f)), key=lambda f: f.as_posix())
+    files = sorted((f for f in find_inputs(paths) if file_format(f) == "text" or not _is_binary(f)),
+                   key=lambda f: f.as_posix())  # plain text files were probed already
     if not files:
         raise ValueError(f"no text files in {', '.join(str(p) for p in paths)} (compressed and Parquet files are "
                          "binary; `blt prepare` reads their records)")

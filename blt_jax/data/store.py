@@ -121,20 +121,24 @@ def update_manifest(root: str | os.PathLike, drop: Sequence[str] = (), **fields)
     return manifest
 
 
-def foreign_keys(root: str | os.PathLike) -> list[str]:
-    """Keys under `root` that are not a store's (manifest, staging, arrays under the splits), sorted: the
-    user's files, which `clear` must never take with it."""
+def refuse_foreign_files(root: str | os.PathLike) -> None:
+    """ConfigError when `root` holds keys that are not a store's (manifest, staging, arrays under the splits):
+    the user's own files, which `clear` must never take with it."""
     keys = sorted(k.decode() for k in _kvstore(root).list().result())
     arrays = {k[:-len("zarr.json")] for k in keys if k.endswith("/zarr.json") and k.split("/", 1)[0] in SPLITS}
-
-    def ours(key: str) -> bool:
-        return key.startswith((MANIFEST, STAGING + "/")) or any(key.startswith(a) for a in arrays)
-    return [k for k in keys if not ours(k)]
+    foreign = [k for k in keys
+               if not (k.startswith((MANIFEST, STAGING + "/")) or any(k.startswith(a) for a in arrays))]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"--store {root}: holds files that are not a data store's ({shown}); nothing was "
+                          "changed: give a new or empty folder")
 
 
 def clear(root: str | os.PathLike) -> None:
     """Remove a store's contents: the manifest first (so an interruption leaves no half-valid store), then
-    its arrays and any staging left by an interrupted multi-process prepare."""
+    its arrays and any staging left by an interrupted multi-process prepare. A folder holding anything else
+    is refused first (`refuse_foreign_files`), untouched."""
+    refuse_foreign_files(root)
     kv = _kvstore(root)
     kv.delete_range(_prefix_range(MANIFEST)).result()
     for prefix in (*SPLITS, STAGING):

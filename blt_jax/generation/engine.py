@@ -401,10 +401,9 @@ def extend(spec: ModelSpec, params: dict, state: EngineState, chunk: jax.Array, 
                                  compact=T == 1 and not provisional)
 
     one = active.astype(jnp.int32)
+    calls = dict(encoder_calls=one, global_calls=global_ran, entropy_calls=one if em is not None else 0 * one)
     if not decode:
-        return state.replace(num_closed=closed, counters=add_counts(
-            state, encoder_calls=one, global_calls=global_ran, entropy_calls=one if em is not None else 0 * one)), \
-            None, None
+        return state.replace(num_closed=closed, counters=add_counts(state, **calls)), None, None
     reads = patch + starts[:, 1:].astype(jnp.int32) - 1  # the decoder at t reads p(t + 1) - 1
     dec_h, dec_pos, new_mask = h, pos, causal_mask(pos, pos, cfg.decoder.window)
     if block is not None:
@@ -417,8 +416,7 @@ def extend(spec: ModelSpec, params: dict, state: EngineState, chunk: jax.Array, 
     state, logits = decode_pass(spec, blt, state, dec_h, dec_pos, reads, new_mask, L, n)
     next_logits = jnp.where(active[:, None], gather(logits[:, :T], jnp.maximum(n - 1, 0)), state.next_logits)
     state = state.replace(num_closed=closed, next_logits=next_logits,
-                          counters=add_counts(state, decoder_calls=one, encoder_calls=one, global_calls=global_ran,
-                                              entropy_calls=one if em is not None else 0 * one))
+                          counters=add_counts(state, decoder_calls=one, **calls))
     return state, logits[:, :T], (logits[:, T:] if block is not None else None)
 
 
