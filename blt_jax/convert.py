@@ -188,12 +188,12 @@ def params_to_hf(params: nnx.State, eparams: Optional[nnx.State]) -> dict[str, n
 # ---- folders ----------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def new_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def new_folder(dst: str | Path, overwrite: bool, src: str | Path) -> Iterator[Path]:
     """Write a folder whole or not at all: into a staging folder beside `dst` that becomes `dst` once complete.
     An existing non-empty `dst` is refused unless `overwrite`, and then replaced only after the new one is
     written; a failure leaves `dst` as it was and no staging folder behind."""
     dst = Path(dst)
-    _refuse_existing(dst, overwrite)
+    _refuse_existing(dst, overwrite, src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -240,14 +240,14 @@ def import_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> BLTC
     must be new or empty unless `overwrite` (then it is replaced whole)."""
     from blt_jax.train import checkpoint as ckpt  # noqa: PLC0415
 
-    _refuse_existing(dst, overwrite)
+    _refuse_existing(dst, overwrite, src)
     hf_cfg, tensors = read_hf_folder(src)
     cfg = config_from_hf(hf_cfg)
     params, eparams = params_from_hf(cfg, tensors)
     seq_len = 1024  # for `blt eval` / fine-tuning; enough patch slots that no byte is ever dropped
     cfg = dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, max_patches=seq_len + 1))
     run = RunConfig(name=f"converted:{Path(src).name}", model=cfg, data=DataConfig(seq_len=seq_len, batch_size=8))
-    with new_folder(dst, overwrite) as out:
+    with new_folder(dst, overwrite, src) as out:
         ckpt.write_run_meta(out, "blt", run, converted_from=str(Path(src).absolute()))
         ckpt.save_params(out / "params", params)
         if eparams is not None:
@@ -261,10 +261,10 @@ def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> None
 
     from blt_jax.generation import api  # noqa: PLC0415
 
-    _refuse_existing(dst, overwrite)
+    _refuse_existing(dst, overwrite, src)
     model = api.load(str(src))
     hf_cfg = config_to_hf(model.cfg)
-    with new_folder(dst, overwrite) as out:
+    with new_folder(dst, overwrite, src) as out:
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
                                                                 "pad_token_id": 0}, indent=2))
@@ -278,19 +278,24 @@ def export_params(src: str | Path, dst: str | Path, step: Optional[int] = None, 
     from blt_jax.generation import api  # noqa: PLC0415
     from blt_jax.train import checkpoint as ckpt  # noqa: PLC0415
 
-    _refuse_existing(dst, overwrite)
+    _refuse_existing(dst, overwrite, src)
     kind, run, _ = ckpt.load_run_config(src)
     model = api.load(str(src), step)
-    with new_folder(dst, overwrite) as out:
+    with new_folder(dst, overwrite, src) as out:
         ckpt.write_run_meta(out, kind, run, exported_from=str(Path(src).absolute()))
         ckpt.save_params(out / "params", model.params)
         if model.entropy_params is not None:
             ckpt.save_params(out / "entropy_model", model.entropy_params)
 
 
-def _refuse_existing(dst: str | Path, overwrite: bool) -> None:
-    """An existing non-empty `dst` without `overwrite`: refused before any work is done."""
+def _refuse_existing(dst: str | Path, overwrite: bool, src: str | Path) -> None:
+    """Refused before any work is done: an existing non-empty `dst` without `overwrite`, and, even with it, a
+    `dst` that is the source or holds it (replacing `dst` whole would delete the run being converted)."""
     dst = Path(dst)
-    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+    if "://" not in str(src) and dst.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
+        raise ValueError(f"{dst}: holds the source {src}, which writing there would delete; choose another folder")
+    if dst.exists() and not overwrite and not dst.is_dir():
+        raise FileExistsError(f"{dst}: exists and is a file; pass --overwrite to replace it, or choose a new folder")
+    if dst.exists() and not overwrite and any(dst.iterdir()):
         raise FileExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it, or choose a new "
                               f"folder")

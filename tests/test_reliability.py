@@ -118,6 +118,24 @@ def test_convert_never_replaces_an_existing_run(tiny_runs, tmp_path, capsys):
     assert main(["convert", "--from-hf", str(hf), str(tmp_path / "imported")]) == exit_codes.ERROR
     err = capsys.readouterr().err
     assert "model.safetensors" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_convert_into_its_own_source_is_refused_even_with_overwrite(tiny_runs, tmp_path, capsys):
+    """A probe: `convert --params-only RUN RUN --overwrite` replaced the run with its parameters, deleting its
+    checkpoints, optimizer state and metrics (and a folder above the source went the same way)."""
+    run = copy_run(tiny_runs, tmp_path, "runs/a")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for dst in (run, run.parent, tmp_path / "runs" / ".." / "runs" / "a"):
+        for kind in ("--params-only", "--to-hf"):
+            capsys.readouterr()
+            assert main(["convert", kind, str(run), str(dst), "--overwrite"]) == exit_codes.ERROR
+            err = capsys.readouterr().err
+            assert "holds the source" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    empty_file = tmp_path / "afile"
+    empty_file.touch()
+    assert main(["convert", "--params-only", str(run), str(empty_file)]) == exit_codes.ERROR
+    assert "is a file" in capsys.readouterr().err
     assert not (tmp_path / "imported").exists()
 
 
@@ -148,6 +166,21 @@ def test_resume_refuses_what_changes_the_data_and_records_what_it_accepts(tiny_r
                                             "train.steps": [100, 150]}}]
     train("blt", longer, run, progress=False, stop_after=100)  # the same config again: nothing new to record
     assert len(ckpt.load_run_config(run)[2]["history"]) == 1
+
+
+def test_a_run_another_job_is_training_is_refused(tiny_runs, tmp_path):
+    """A probe: two `blt train` on one --run both ran to the end, overwriting each other's checkpoints and
+    logging every step twice. While one job holds the run, a second is refused with nothing written; once it
+    ends (here: the lock is released, as the OS does when a process dies), the run resumes as usual."""
+    run = copy_run(tiny_runs, tmp_path)
+    cfg = run_config(run, steps=110)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with ckpt.exclusive(run):  # the first job
+        with pytest.raises(ckpt.RunInUse, match="another training job is using this run") as e:
+            train("blt", cfg, run, progress=False)
+        assert "\n" not in str(e.value)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert train("blt", cfg, run, progress=False, stop_after=105)["step"] == 105
 
 
 # ---- silent wrong results ----------------------------------------------------------------------------------
@@ -182,7 +215,9 @@ def test_config_floats_must_be_finite(override):
         apply_overrides(get_preset("tiny"), [override])
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": math.nan}, {"temperature": math.inf}, {"top_p": math.nan}])
+@pytest.mark.parametrize("kwargs", [{"temperature": math.nan}, {"temperature": math.inf}, {"top_p": math.nan},
+                                    # finite, but inf and 0 in float32 (a probe: empty output, exit 0)
+                                    {"temperature": 1e39}, {"top_p": 1e-50}])
 def test_sampling_config_refuses_non_finite_values(kwargs):
     with pytest.raises(ValueError, match=f"sampling.{next(iter(kwargs))}"):
         api.SamplingConfig(**kwargs)

@@ -18,13 +18,15 @@ Checkpoints written before checksums existed load with a finiteness check of the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +93,32 @@ def short_cause(error: BaseException, limit: int = 200) -> str:
 
 
 # ---- run.json ----------------------------------------------------------------------------------------------
+
+class RunInUse(OSError):
+    """Another training job holds the run directory."""
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: str | Path) -> Iterator[None]:
+    """Hold a run directory for one training job: two trainers on one run (a command started twice, a cron
+    job overlapping the last) would overwrite each other's checkpoints and log every step twice. An advisory
+    lock (flock) on a file in the run, one per process index, so each process of a multi-process job holds its
+    own and a second job's process i meets the first job's. The OS drops it when the process ends, so a crash
+    leaves nothing to clean up. Run directories behind a URL are not locked (no shared lock there)."""
+    if "://" in str(run_dir):
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f".train-{jax.process_index()}.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUse(f"{run_dir}: another training job is using this run (it holds {path.name}); wait for it "
+                           f"to end, or train into another --run") from None
+        yield
+
 
 def write_run_meta(run_dir: str | Path, kind: str, cfg: RunConfig, **extra: Any) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)

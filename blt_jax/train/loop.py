@@ -324,8 +324,14 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
           progress: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
     """Train (or resume) a run. `stop_after` ends the process early at that step, as a crash would
     (tests use it to prove resumption); the schedule still targets `steps`. The summary's `stopped_by` says
-    why a run ended before `steps`: "signal" (SIGINT/SIGTERM) or "stop_after"."""
-    run_dir = Path(run_dir)
+    why a run ended before `steps`: "signal" (SIGINT/SIGTERM) or "stop_after". A run another job is
+    training is refused (`checkpoint.RunInUse`)."""
+    with ckpt.exclusive(run_dir):
+        return _train(kind, cfg, Path(run_dir), entropy_run, progress, stop_after)
+
+
+def _train(kind: str, cfg: RunConfig, run_dir: Path, entropy_run: Optional[str], progress: bool,
+           stop_after: Optional[int]) -> dict[str, Any]:
     task = resolve_task(kind, absolute_store(cfg))
     cfg, tc = task.cfg, task.train_cfg
     plan = _plan(task)
