@@ -8,6 +8,7 @@ refused with one line, `blt <cmd>: error: ...`, and the exit statuses are those 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
 import math
@@ -460,7 +461,8 @@ def _read_prompts(args) -> list[bytes]:
     sources = ([Path(args.file).read_bytes()] if args.file else []) + \
         ([sys.stdin.buffer.read()] if args.stdin or piped else [])
     for data in sources:
-        prompts += [line for line in data.split(b"\n") if line] if args.one_per_line else [data]
+        # a CRLF file's lines lose their \r too
+        prompts += [ln for ln in data.replace(b"\r\n", b"\n").split(b"\n") if ln] if args.one_per_line else [data]
     return prompts
 
 
@@ -481,11 +483,13 @@ def cmd_generate(args) -> int:
     if args.stream:
         if len(prompts) != 1 or args.json:
             raise ValueError("--stream: give exactly one prompt, without --json")
-        sys.stdout.write(prompts[0].decode("utf-8", errors="replace"))
+        # one incremental decoder for the prompt and every piece: a character may be split between them
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(text.decode(prompts[0]))
         for piece in api.stream(model, prompts[0], **kwargs):
-            sys.stdout.write(piece.decode("utf-8", errors="replace"))
+            sys.stdout.write(text.decode(piece))
             sys.stdout.flush()
-        sys.stdout.write("\n")
+        sys.stdout.write(text.decode(b"", final=True) + "\n")
         return 0
     for r in api.generate(model, prompts, **kwargs):
         if args.json:

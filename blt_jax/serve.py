@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import difflib
 import json
 import queue
 import secrets
@@ -38,6 +39,9 @@ STREAM_BYTES = 16  # bytes' worth of rounds between host steps: how often new re
 # OpenAI fields this server does not implement: refused unless left at their "off" value, never ignored
 UNSUPPORTED = {"stop": (None, [], ""), "logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
                "best_of": (None, 1), "logit_bias": (None, {})}
+# the request fields this server reads; a near miss of one (temprature, max_token, top-p) is refused rather than
+# ignored, which would run the request with the default; other fields (model, user, ...) pass
+SETTINGS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "method", "n")
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,10 @@ class Server:
         """A completions request -> (method, one Request per prompt, stream); BadRequest names the field."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
+        for key in body:
+            near = [] if key in SETTINGS or key in UNSUPPORTED else difflib.get_close_matches(key, SETTINGS, 1, 0.8)
+            if near:
+                raise BadRequest(f"{key}: not a field; did you mean {near[0]}?", key)
         for name, off in UNSUPPORTED.items():
             if body.get(name) not in off:
                 raise BadRequest(f"{name}: not supported by this server", name)

@@ -60,6 +60,9 @@ BAD = [  # (input line, the error's start)
     ('{"id": "r1", "prompt": "again"}', "id: 'r1' was used by an earlier record"),
     ('{"id": "neg", "prompt": "x", "max_new_bytes": -4}', "max_new_bytes: must be an integer >= 1"),
     ('{"id": "nan", "prompt": "x", "temperature": NaN}', "temperature: must be a finite number >= 0"),
+    # float32 would make these inf and 0, and sample from garbage
+    ('{"id": "hot", "prompt": "x", "temperature": 1e39}', "temperature: must be a finite number >= 0"),
+    ('{"id": "p0", "prompt": "x", "top_p": 1e-50}', "top_p: must lie in (0, 1]"),
     ('{"id": "nop"}', "prompt: missing"),
     ('{"prompt": "no id"}', "id: missing"),
     ('{"id": "long", "prompt": "' + "y" * 60 + '", "max_new_bytes": 8}', "the prompt (60 bytes) and max_new_bytes=8"),
@@ -113,8 +116,9 @@ def test_every_record_equals_api_generate_and_bad_records_get_error_lines(job):
     assert len({o["text"] for o in by_id.values()}) > 5, "outputs should differ across records"
     errors = [o for o in out if "error" in o]
     assert all(e["error"].startswith(start) for e, (_, start) in zip(errors, BAD, strict=True))
-    assert [e.get("line") for e in errors] == [6, 7, None, None, None, 11, None]  # file lines: id missing or reused
-    assert {e["id"] for e in errors if "line" not in e} == {"neg", "nan", "nop", "long"}
+    # file lines: id missing or reused
+    assert [e.get("line") for e in errors] == [6, 7, None, None, None, None, None, 13, None]
+    assert {e["id"] for e in errors if "line" not in e} == {"neg", "nan", "hot", "p0", "nop", "long"}
 
 
 def test_ordered_output_is_the_same_records_in_input_order(job):
@@ -122,7 +126,7 @@ def test_ordered_output_is_the_same_records_in_input_order(job):
     ordered = (base / "ordered.jsonl").read_text().splitlines()
     assert sorted(ordered) == sorted((base / "out.jsonl").read_text().splitlines())
     ids = [json.loads(line)["id"] for line in ordered]
-    assert ids == [r["id"] for r in records[:4]] + [None, "r1", "neg", "nan", "nop", None, "long"] + \
+    assert ids == [r["id"] for r in records[:4]] + [None, "r1", "neg", "nan", "hot", "p0", "nop", None, "long"] + \
         [r["id"] for r in records[4:]]
 
 

@@ -2,8 +2,10 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -65,6 +67,19 @@ def test_generate_streams_the_same_text_from_a_parameters_only_export(tiny_runs,
     assert "diffusion" in capsys.readouterr().err
 
 
+def test_generate_stream_keeps_a_character_split_between_pieces(tiny_runs, capsys, monkeypatch):
+    """A probe: each streamed piece was decoded alone, so a character split between two pieces (or between
+    the prompt and the first piece) printed as two U+FFFD."""
+    pieces = [b"caf\xc3", b"\xa9 \xe2\x82", b"\xac", b"!"]
+    monkeypatch.setattr(api, "stream", lambda model, prompt, **kw: iter(pieces))
+    prompt = "x\udcc3"  # argv bytes b"x\xc3" (not UTF-8 alone): the first piece's "caf" does not complete it
+    assert main(["generate", "--checkpoint", str(tiny_runs[3]), "--stream", prompt]) == 0
+    assert capsys.readouterr().out == (b"x\xc3" + b"".join(pieces)).decode("utf-8", errors="replace") + "\n"
+    monkeypatch.setattr(api, "stream", lambda model, prompt, **kw: iter([b"\xa9!"]))
+    assert main(["generate", "--checkpoint", str(tiny_runs[3]), "--stream", "caf\udcc3"]) == 0
+    assert capsys.readouterr().out == "café!\n"
+
+
 def test_generate_rejects_an_empty_prompt(tiny_runs, capsys):
     assert main(["generate", "--checkpoint", str(tiny_runs[3]), ""]) == 2
     assert "empty" in capsys.readouterr().err
@@ -83,6 +98,34 @@ def test_generate_file_leaves_a_piped_stdin_alone(monkeypatch, tmp_path):
     assert cli._read_prompts(args) == [b"def f("]
     args = cli.build_parser().parse_args(["generate", "--checkpoint", "run"])
     assert cli._read_prompts(args) == [b"p.txt\np.txt\n"]  # no prompt and no --file: the pipe is the prompt
+
+
+def test_one_per_line_prompts_lose_a_crlf_files_carriage_returns(tmp_path):
+    """A probe: each prompt of a CRLF file kept its trailing \r (the model continued after a carriage return)."""
+    (tmp_path / "p.txt").write_bytes(b"def a(\r\nclass B:\r\n\r\nx = 1\n")
+    args = cli.build_parser().parse_args(["generate", "--checkpoint", "run", "--file", str(tmp_path / "p.txt"),
+                                          "--one-per-line"])
+    assert cli._read_prompts(args) == [b"def a(", b"class B:", b"x = 1"]
+
+
+def test_bulk_input_from_a_pipe_and_an_output_in_a_missing_folder(tiny_runs, tmp_path, capsys):
+    """A probe: `--input <(...)` (a pipe) was refused as "no such file"; an --output in a missing folder
+    failed naming an internal temporary file."""
+    run = str(tiny_runs[3])
+    fifo = tmp_path / "records"
+    os.mkfifo(fifo)
+    records = b'{"id": "a", "prompt": "def f(", "max_new_bytes": 6}\n{"id": "b", "prompt": "x", "max_new_bytes": 4}\n'
+    writer = threading.Thread(target=lambda: fifo.write_bytes(records))
+    writer.start()
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--checkpoint", run, "--input", str(fifo), "--output", str(out), "--no-progress"]) == 0
+    writer.join()
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == ["a", "b"]
+    capsys.readouterr()
+    missing = tmp_path / "nodir" / "out.jsonl"
+    assert main(["generate", "--checkpoint", run, "--input", str(out), "--output", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "the folder" in err and "nodir" in err and ".tmp" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_module_entry_point():

@@ -33,6 +33,10 @@ BAD = [  # raw body, what the error message says
     ("{}", "prompt: missing"),
     ('{"prompt": "x", "max_tokens": -3}', "max_tokens: must be an integer >= 1"),
     ('{"prompt": "x", "temperature": NaN}', "temperature: must be a finite number"),
+    ('{"prompt": "x", "temperature": 1e39}', "temperature: must be a finite number"),  # inf in float32
+    ('{"prompt": "x", "temprature": 0.9}', "temprature: not a field; did you mean temperature?"),
+    ('{"prompt": "x", "max_token": 5}', "max_token: not a field; did you mean max_tokens?"),
+    ('{"prompt": "x", "top-p": 0.5}', "top-p: not a field; did you mean top_p?"),
     ('{"prompt": "x", "method": "d"}', "needs a model trained with the diffusion objective"),
     ('{"prompt": "' + "y" * 60 + '", "max_tokens": 8}', "more than the 64 this run holds per row"),
     ('{"prompt": "x", "stop": ["\\n"]}', "stop: not supported"),

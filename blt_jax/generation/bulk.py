@@ -24,7 +24,6 @@ import functools
 import hashlib
 import heapq
 import json
-import math
 import os
 import sys
 import time
@@ -41,7 +40,8 @@ from blt_jax.generation.api import cost_record
 from blt_jax.generation.cost import ParamsForCost
 from blt_jax.generation.loaded import LoadedModel
 from blt_jax.generation.samplers import Carry, MethodConfig
-from blt_jax.generation.sampling import SamplingConfig, SamplingRows, row_keys
+from blt_jax.generation.sampling import (TEMPERATURE_RULE, TOP_P_RULE, SamplingConfig, SamplingRows, row_keys,
+                                        temperature_ok, top_p_ok)
 from blt_jax.tokenizer import BOE_ID, EOS_ID, decode_bytes, encode
 
 DEFAULT_BATCH_SIZE = 32
@@ -342,12 +342,12 @@ def record_settings(rec: dict, defaults: Defaults) -> tuple[bytes, int, Sampling
     s = defaults.sampling
     temperature, top_k, top_p = (rec.get("temperature", s.temperature), rec.get("top_k", s.top_k),
                                  rec.get("top_p", s.top_p))
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise RecordError(f"temperature: must be a finite number >= 0, got {temperature!r}")
+    if not _is_number(temperature) or not temperature_ok(temperature):
+        raise RecordError(f"temperature: {TEMPERATURE_RULE}, got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:
         raise RecordError(f"top_k: must be an integer >= 0, got {top_k!r}")
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise RecordError(f"top_p: must be a number in (0, 1], got {top_p!r}")
+    if not _is_number(top_p) or not top_p_ok(top_p):
+        raise RecordError(f"top_p: {TOP_P_RULE}, got {top_p!r}")
     seed = rec.get("seed", defaults.seed)
     if not _is_int(seed) or not -2**63 <= seed < 2**63:
         raise RecordError(f"seed: must be an integer in [-2**63, 2**63), got {seed!r}")
@@ -481,7 +481,8 @@ def _records(source) -> Iterator[tuple[int, int, bytes]]:
 
 
 def _count_records(path: str) -> Optional[int]:
-    if path == "-":
+    """For the progress bar; None for a stream (stdin, a pipe, `<(...)`), which can be read only once."""
+    if path == "-" or not Path(path).is_file():
         return None
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -490,8 +491,10 @@ def _count_records(path: str) -> Optional[int]:
 def _open_input(path: str):
     if path == "-":
         return sys.stdin.buffer
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"--input {path}: no such file")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"--input {path}: is a folder; give a JSON Lines file")
     return open(path, "rb")
 
 
@@ -606,6 +609,8 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
                          "next to the output; give files on a shared file system, not '-'")
     if input != "-" and output != "-" and Path(input).resolve() == Path(output).resolve():
         raise ValueError(f"--output {output}: is the input file")
+    if output != "-" and not Path(output).absolute().parent.is_dir():
+        raise FileNotFoundError(f"--output {output}: the folder {Path(output).parent} does not exist")
     source = _open_input(input)
     out_path = Path(output)
     if processes > 1:

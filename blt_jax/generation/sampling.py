@@ -16,6 +16,23 @@ from blt_jax.config import ConfigError
 from blt_jax.tokenizer import BOE_ID, BOS_ID, BPE_ID
 
 
+# sampling runs in float32: a temperature above its range would become inf and a top_p below its smallest
+# normal number 0, and either samples from garbage
+_F32_MAX, _F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
+
+
+TEMPERATURE_RULE = f"must be a finite number >= 0 (and <= {_F32_MAX:.3g}, float32's largest)"
+TOP_P_RULE = f"must lie in (0, 1] (and be >= {_F32_TINY:.3g}, float32's smallest normal number)"
+
+
+def temperature_ok(t: float) -> bool:
+    return math.isfinite(t) and 0 <= t <= _F32_MAX
+
+
+def top_p_ok(p: float) -> bool:
+    return math.isfinite(p) and _F32_TINY <= p <= 1.0
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.0  # 0: greedy
@@ -24,12 +41,12 @@ class SamplingConfig:
     allow_specials: bool = False  # False: never emit BOE/BOS/[MASK] (EOS stays allowed)
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"sampling.temperature: must be a finite number >= 0, got {self.temperature}")
+        if not temperature_ok(self.temperature):
+            raise ConfigError(f"sampling.temperature: {TEMPERATURE_RULE}, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"sampling.top_k: must be >= 0, got {self.top_k}")
-        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
-            raise ConfigError(f"sampling.top_p: must lie in (0, 1], got {self.top_p}")
+        if not top_p_ok(self.top_p):
+            raise ConfigError(f"sampling.top_p: {TOP_P_RULE}, got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
