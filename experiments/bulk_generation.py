@@ -263,6 +263,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _shared(d: dict) -> bool:
+    """Whether other work ran beside the timed modes: a load above this process's own one core."""
+    return max(max(m["load_before"], m["load_after"]) for m in d["modes"].values()) > 1.5
+
+
 def report(d: dict) -> str:
     names = {"batch1": "batch 1 (one live row)", "static": f"static batches of {STATIC_BATCH}",
              "continuous": f"continuous, --batch-size {STATIC_BATCH}"}
@@ -282,9 +287,10 @@ def report(d: dict) -> str:
         table(["mode", "new bytes", "wall s", "CPU s", "bytes/s (wall)", "bytes per CPU s", "x batch 1",
                "load avg before / after"], rows),
         "",
-        "The machine was shared with other jobs while this ran (load average in the last column; 2 cores), so the "
-        "wall-clock rates are lower bounds; bytes per CPU second (this process's own CPU time) is the steadier "
-        "comparison.",
+        ("The machine was shared with other jobs while this ran (load average in the last column; "
+         f"{env['cpus']} cores), so the wall-clock rates are lower bounds; bytes per CPU second (this process's own "
+         "CPU time) is the steadier comparison." if _shared(d) else
+         "Nothing else ran on the machine (a load average of about 1 is this process), so wall and CPU time agree."),
     ]
     same = d["identical_outputs"]
     if same["continuous_vs_batch1"] is not None:
