@@ -118,6 +118,7 @@ def test_convert_never_replaces_an_existing_run(tiny_runs, tmp_path, capsys):
     assert main(["convert", "--from-hf", str(hf), str(tmp_path / "imported")]) == exit_codes.ERROR
     err = capsys.readouterr().err
     assert "model.safetensors" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "imported").exists()
 
 
 def test_convert_into_its_own_source_is_refused_even_with_overwrite(tiny_runs, tmp_path, capsys):
@@ -136,7 +137,6 @@ def test_convert_into_its_own_source_is_refused_even_with_overwrite(tiny_runs, t
     empty_file.touch()
     assert main(["convert", "--params-only", str(run), str(empty_file)]) == exit_codes.ERROR
     assert "is a file" in capsys.readouterr().err
-    assert not (tmp_path / "imported").exists()
 
 
 def test_resume_refuses_what_changes_the_data_and_records_what_it_accepts(tiny_runs, tmp_path):
