@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import difflib
 import json
 import queue
 import secrets
@@ -162,9 +161,8 @@ class Server:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         for key in body:
-            near = [] if key in SETTINGS or key in UNSUPPORTED else difflib.get_close_matches(key, SETTINGS, 1, 0.8)
-            if near:
-                raise BadRequest(f"{key}: not a field; did you mean {near[0]}?", key)
+            if key not in UNSUPPORTED and (error := bulk.misspelt_field(key, SETTINGS)):
+                raise BadRequest(error, key)
         for name, off in UNSUPPORTED.items():
             if body.get(name) not in off:
                 raise BadRequest(f"{name}: not supported by this server", name)

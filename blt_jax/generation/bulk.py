@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -318,15 +318,24 @@ RECORD_FIELDS = ("id", "prompt", "max_new_bytes", "temperature", "top_k", "top_p
 _OTHER_NAMES = {"max_tokens": "max_new_bytes"}  # the server's (OpenAI's) name for it
 
 
+def misspelt_field(key: str, fields: Sequence[str], other_names: Optional[dict] = None) -> Optional[str]:
+    """The error for a key that is a near miss of one of `fields` (or another program's name for one), which
+    would otherwise be ignored and leave the setting at its default; None for a field, or for any other key
+    (the user's metadata)."""
+    if key in fields:
+        return None
+    near = [other_names[key]] if other_names and key in other_names else difflib.get_close_matches(key, fields, 1, 0.8)
+    return f"{key}: not a field; did you mean {near[0]}?" if near else None
+
+
 def record_settings(rec: dict, defaults: Defaults) -> tuple[bytes, int, SamplingConfig, int]:
     """(prompt bytes, budget, sampling, seed) of a record, or RecordError naming the bad field. Other fields
     are the user's (metadata) and ignored, except near-misses of a setting's name: a typo would otherwise run
     the record with the default silently."""
     for key in rec:
-        near = [] if key in RECORD_FIELDS else \
-            [_OTHER_NAMES[key]] if key in _OTHER_NAMES else difflib.get_close_matches(key, RECORD_FIELDS[2:6], 1, 0.8)
-        if near:
-            raise RecordError(f"{key}: not a field; did you mean {near[0]}?")
+        # id, prompt and seed are never suggested: idx, prompt_id and speed are the user's own fields
+        if key not in RECORD_FIELDS and (error := misspelt_field(key, RECORD_FIELDS[2:6], _OTHER_NAMES)):
+            raise RecordError(error)
     prompt = rec.get("prompt")
     if not isinstance(prompt, str):
         raise RecordError("prompt: missing" if prompt is None else f"prompt: must be a string, got {prompt!r:.40}")
