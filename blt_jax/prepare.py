@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import jax
 import numpy as np
@@ -152,11 +153,12 @@ def file_shares(sizes: Sequence[int], count: int) -> list[range]:
             for p in range(count)]
 
 
-def _tokenize(files: Sequence[sources.InputFile], plan: CorpusPlan, writers: dict, bad: sources.BadRecords,
-              progress: bool) -> tuple[list[dict], int]:
-    """Documents of `files` -> the split writers; returns (per-file {split: {docs, bytes}}, empty records)."""
-    fraction, text_field = plan.options["heldout_fraction"], plan.options["text_field"]
-    entries, empty = [], 0
+def _tokenize(files: Sequence[sources.InputFile], plan: CorpusPlan, threshold: float, writers: dict,
+              bad: sources.BadRecords, progress: bool) -> tuple[list[dict], int, Optional[list[float]]]:
+    """Documents of `files` -> the split writers (a record is held out when its split key lies below
+    `threshold`); returns (per-file {split: {docs, bytes}}, empty records, the lowest and highest split key of
+    the records written (None without records))."""
+    entries, empty, lo, hi = [], 0, 1.0, -1.0
     bos, eos = np.array([BOS_ID], np.uint16), np.array([EOS_ID], np.uint16)
     with tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc="prepare",
               disable=not progress) as bar:
@@ -172,10 +174,13 @@ def _tokenize(files: Sequence[sources.InputFile], plan: CorpusPlan, writers: dic
                     writers[split].add(eos)
                     stats[split]["docs"] = 1
             else:
-                for chunk in sources.records(f, text_field, bad):
+                for chunk in sources.records(f, plan.options["text_field"], bad):
                     empty += chunk.empty
-                    held = np.fromiter((corpus.split_key(f.split_name, int(k)) < fraction for k in chunk.numbers), bool,
+                    keys = np.fromiter((corpus.split_key(f.split_name, int(k)) for k in chunk.numbers), np.float64,
                                        len(chunk.numbers))
+                    if len(keys):
+                        lo, hi = min(lo, float(keys.min())), max(hi, float(keys.max()))
+                    held = keys < threshold
                     for split, keep in (("train", ~held), ("heldout", held)):
                         if keep.any():
                             part = chunk.select(keep)
@@ -184,11 +189,31 @@ def _tokenize(files: Sequence[sources.InputFile], plan: CorpusPlan, writers: dic
                             stats[split]["bytes"] += int(part.lengths.sum())
             bar.update(f.size)
             entries.append({"name": f.name, **stats})
-    return entries, empty
+    return entries, empty, ([lo, hi] if hi >= 0 else None)
 
 
-def _manifest(root, plan: CorpusPlan, reports: list[dict]) -> dict:
-    """The store's manifest from every process's report; refuses an empty split."""
+def _one_sided_threshold(plan: CorpusPlan, reports: list[dict]) -> Optional[float]:
+    """A record corpus small enough to put every document on one side of the held-out fraction (80 records at
+    0.02 hold none out one time in five): the threshold that moves the one record whose split key lies
+    nearest the other side, so both splits hold documents. None when both already do (or when fewer than two
+    documents exist: `_manifest` refuses that). Text files move only when every input is a text file, and
+    `corpus.heldout_indices` has already put one on each side then."""
+    docs = {split: sum(e[split]["docs"] for r in reports for e in r["files"]) for split in store.SPLITS}
+    keys = [r["record_keys"] for r in reports if r["record_keys"] is not None]
+    if not keys or min(docs.values()) > 0 or sum(docs.values()) < 2:
+        return None
+    fraction = plan.options["heldout_fraction"]
+    lowest, highest = min(k[0] for k in keys), max(k[1] for k in keys)
+    if docs["heldout"] == 0 and fraction <= lowest < 1.0:  # hold out the record with the lowest key
+        return float(np.nextafter(lowest, 1.0))
+    if docs["train"] == 0 and highest < fraction:  # keep the record with the highest key for training
+        return highest
+    return None
+
+
+def _manifest(root, plan: CorpusPlan, reports: list[dict], threshold: float) -> dict:
+    """The store's manifest from every process's report; refuses an empty split. `threshold`: the split key
+    below which records were held out (the held-out fraction, unless `_one_sided_threshold` moved it)."""
     entries = [e for r in reports for e in r["files"]]
     bad = sum(r["bad_records"] for r in reports)
     manifest = {
@@ -199,6 +224,8 @@ def _manifest(root, plan: CorpusPlan, reports: list[dict]) -> dict:
                    "bad_record_examples": [x for r in reports for x in r["bad_examples"]][:10],
                    "empty_records": sum(r["empty_records"] for r in reports)},
     }
+    if threshold != plan.options["heldout_fraction"]:
+        manifest["inputs"]["heldout_threshold"] = threshold
     for split in store.SPLITS:
         docs = sum(e[split]["docs"] for e in entries)
         size = sum(e[split]["bytes"] for e in entries)
@@ -240,22 +267,31 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
     def location(split):
         return (store.STAGING, f"{procs.index}-of-{procs.count}", split, "tokens") if staged else (split, "tokens")
 
-    arrays = {split: store.create_array(root, location(split), np.uint16, store.GROWING, shard)
-              for split in store.SPLITS}
-    writers = {split: store.StreamWriter(a) for split, a in arrays.items()}
-    bad = sources.BadRecords(strict)
-    entries, empty = _tokenize([plan.files[i] for i in share], plan, writers, bad,
-                               progress and procs.index == 0)
-    report = {"lengths": {split: w.close() for split, w in writers.items()}, "files": entries,
-              "bad_records": bad.count, "bad_examples": bad.examples, "empty_records": empty}
-    if staged:
+    def tokenise(threshold: float, attempt: str):
+        arrays = {split: store.create_array(root, location(split), np.uint16, store.GROWING, shard)
+                  for split in store.SPLITS}
+        writers = {split: store.StreamWriter(a) for split, a in arrays.items()}
+        bad = sources.BadRecords(strict)
+        entries, empty, keys = _tokenize([plan.files[i] for i in share], plan, threshold, writers, bad,
+                                         progress and procs.index == 0)
+        report = {"lengths": {split: w.close() for split, w in writers.items()}, "files": entries,
+                  "bad_records": bad.count, "bad_examples": bad.examples, "empty_records": empty,
+                  "record_keys": keys}
+        if not staged:
+            return arrays, report, [report]
         store.write_json(root, f"{store.STAGING}/report-{procs.index}-of-{procs.count}.json", report)
-        procs.barrier("blt_jax: prepare: shares tokenised")
-        reports = [store.read_json(root, f"{store.STAGING}/report-{q}-of-{procs.count}.json")
-                   for q in range(procs.count)]
-    else:
-        reports = [report]
-    manifest = _manifest(root, plan, reports)
+        procs.barrier(f"blt_jax: prepare: shares tokenised{attempt}")
+        return arrays, report, [store.read_json(root, f"{store.STAGING}/report-{q}-of-{procs.count}.json")
+                                for q in range(procs.count)]
+
+    threshold = plan.options["heldout_fraction"]
+    arrays, report, reports = tokenise(threshold, "")
+    moved = _one_sided_threshold(plan, reports)
+    if moved is not None:  # every process sees the same reports, so all of them tokenise again
+        threshold = moved
+        procs.barrier("blt_jax: prepare: reports read")  # nobody rewrites a report another is still reading
+        arrays, report, reports = tokenise(threshold, " again")
+    manifest = _manifest(root, plan, reports, threshold)
     if staged:
         _assemble(root, reports, procs, shard)
     else:

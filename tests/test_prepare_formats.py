@@ -97,6 +97,33 @@ def test_a_single_record_file_still_gets_a_heldout_part(tmp_path):
     assert documents(str(tmp_path / "store"), "heldout") == [records[i - 1].encode() for i in held]
 
 
+def _name_where(n: int, one_sided) -> str:
+    """A record file name whose n records' split keys satisfy `one_sided` (a deterministic search)."""
+    return next(name for name in (f"r{i}.jsonl" for i in range(10_000))
+                if one_sided([corpus.split_key(name, k) for k in range(1, n + 1)]))
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.99])
+def test_a_small_record_corpus_on_one_side_of_the_fraction_still_gets_both_splits(tmp_path, fraction):
+    """80 records at 0.02 hold none out about one time in five (and 20 at 0.99 keep none for training): the
+    record whose split key lies nearest the other side moves there, deterministically."""
+    n = 80 if fraction < 0.5 else 20
+    name = _name_where(n, (lambda keys: min(keys) >= fraction) if fraction < 0.5 else
+                       (lambda keys: max(keys) < fraction))
+    records = texts(n, 3)
+    (tmp_path / name).write_bytes(jsonl([{"text": t} for t in records]))
+    root = str(tmp_path / "store")
+    manifest = prepare.prepare_corpus(root, [str(tmp_path / name)], heldout_fraction=fraction)
+    keys = [corpus.split_key(name, k) for k in range(1, n + 1)]
+    moved = keys.index(min(keys) if fraction < 0.5 else max(keys))
+    lone, rest = ("heldout", "train") if fraction < 0.5 else ("train", "heldout")
+    assert documents(root, lone) == [records[moved].encode()]
+    assert documents(root, rest) == [r.encode() for i, r in enumerate(records) if i != moved]
+    assert manifest[lone]["num_docs"] == 1 and manifest[rest]["num_docs"] == n - 1
+    assert manifest["inputs"]["heldout_threshold"] != fraction
+    assert prepare.prepare_corpus(root, [str(tmp_path / name)], heldout_fraction=fraction) == manifest  # kept
+
+
 def test_glob_patterns_and_the_text_field(tmp_path):
     for i in range(3):
         (tmp_path / f"part-{i}.jsonl").write_bytes(jsonl([{"content": t} for t in texts(20, i)]))
