@@ -222,8 +222,8 @@ def test_bad_inputs_are_clear_errors(model):
         scoring.byte_logprobs(model, ["x" * 4097])
     with pytest.raises(ValueError, match="continuation is empty"):
         scoring.continuation_logprob(model, [("context", "")])
-    with pytest.raises(FileNotFoundError):
-        scoring.bits_per_byte(model, ["/nonexistent/corpus"])
+    with pytest.raises(FileNotFoundError, match="exist: /nonexistent/corpus; .* exist: /nonexistent/other$"):
+        scoring.bits_per_byte(model, ["/nonexistent/corpus", b"a text", "/nonexistent/other"])  # every bad one
     with pytest.raises(ValueError, match="out of range"):
         multiple_choice.make_item("c", ["a", "b"], 2)
     with pytest.raises(ValueError, match="unknown"):

@@ -109,15 +109,21 @@ def _read_sources(paths_or_texts: Iterable) -> list[tuple[str, bytes]]:
 
     if isinstance(paths_or_texts, (str, bytes, bytearray, os.PathLike)):
         paths_or_texts = [paths_or_texts]  # one path or text, not a sequence of characters
-    docs = []
+    docs, unreadable = [], []
     for i, item in enumerate(paths_or_texts):
         if isinstance(item, (bytes, bytearray)):
             docs.append((f"<text {i}>", bytes(item)))
         elif isinstance(item, (str, os.PathLike)):
-            for f in text_files([item]):
-                docs.append((str(f), Path(f).read_bytes()))
+            try:
+                files = text_files([item])
+            except (OSError, ValueError) as e:  # name every bad input at once, not one per run
+                unreadable.append(e)
+                continue
+            docs.extend((str(f), Path(f).read_bytes()) for f in files)
         else:
             raise TypeError(f"item {i}: expected a path (str/PathLike) or a text (bytes), got {type(item).__name__}")
+    if unreadable:
+        raise type(unreadable[0])("; ".join(str(e) for e in unreadable))
     return docs
 
 
