@@ -183,6 +183,20 @@ def test_a_run_another_job_is_training_is_refused(tiny_runs, tmp_path):
     assert train("blt", cfg, run, progress=False, stop_after=105)["step"] == 105
 
 
+def test_a_run_inside_its_data_store_is_refused(tiny_runs, tmp_path):
+    """A probe: `--run` inside the store was accepted, and the store then held files that are not a store's
+    (`prepare --overwrite` refused it for them). Refused up front, with nothing written."""
+    cfg = run_config(copy_run(tiny_runs, tmp_path))
+    store_root = tmp_path / "store"
+    shutil.copytree(cfg.data.path, store_root)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(store_root)))
+    before = sorted(p for p in store_root.rglob("*"))
+    with pytest.raises(ConfigError, match="lies inside the data store .*nothing was written") as e:
+        train("blt", cfg, store_root / "runs" / "blt", progress=False)
+    assert "\n" not in str(e.value)
+    assert sorted(p for p in store_root.rglob("*")) == before
+
+
 # ---- silent wrong results ----------------------------------------------------------------------------------
 
 def _float_options():
