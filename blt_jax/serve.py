@@ -37,7 +37,8 @@ MAX_BODY_BYTES = 16 << 20
 STREAM_BYTES = 16  # bytes' worth of rounds between host steps: how often new requests join and bytes stream
 # OpenAI fields this server does not implement: refused unless left at their "off" value, never ignored
 UNSUPPORTED = {"stop": (None, [], ""), "logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-               "best_of": (None, 1), "logit_bias": (None, {})}
+               "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0)}
 # the request fields this server reads; a near miss of one (temprature, max_token, top-p) is refused rather than
 # ignored, which would run the request with the default; other fields (model, user, ...) pass
 SETTINGS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "method", "n")
@@ -348,8 +349,9 @@ def _raise_stop(signum, frame):
 
 
 def serve(model: LoadedModel, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          warm_up: bool = True) -> None:
-    """Run the server until SIGINT/SIGTERM, then return normally.
+          warm_up: bool = True, sock=None) -> None:
+    """Run the server until SIGINT/SIGTERM, then return normally. `sock`: a listening socket to serve on
+    (instead of binding host:port), so the address printed is the one served, port 0's choice included.
 
     uvicorn shuts down gracefully on either signal and then raises it again for the handler that was there
     before; SIGTERM's default handler would end the process by the signal, so ours turns it into `_Stop`."""
@@ -362,9 +364,11 @@ def serve(model: LoadedModel, cfg: ServerConfig, host: str = "127.0.0.1", port: 
         if warm_up:
             print(f"blt serve: compiling method {cfg.method!r} ...", file=sys.stderr, flush=True)
             server.warm_up()
+        if sock is not None:
+            host, port = sock.getsockname()[:2]
         print(f"blt serve: http://{host}:{port}/v1/completions (model {cfg.model_name!r}, method {cfg.method!r}, "
               f"batch {cfg.batch_size}, {cfg.max_positions} positions per row)", file=sys.stderr, flush=True)
-        http_server(server, host, port).run()
+        http_server(server, host, port).run(sockets=None if sock is None else [sock])
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
@@ -382,13 +386,13 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
 
     if method not in CACHED_METHODS:
         raise ValueError(f"--method {method}: the server runs the cached methods ({', '.join(CACHED_METHODS)})")
-    with socket.create_server((args.host, args.port)):  # a taken port is refused now, not after compiling
-        pass
-    model = api.load(args.checkpoint, dtype=args.dtype)
-    cfg = ServerConfig(method=method, draft_len=draft_len, block_size=block_size, unmask=unmask,
-                       batch_size=args.batch_size, max_positions=args.max_positions,
-                       defaults=bulk.Defaults(args.max_new_bytes, sampling), stop_at_eos=stop_at_eos,
-                       model_name=args.model_name or Path(args.checkpoint).resolve().name)
-    api.method_config(model, method, draft_len, block_size, unmask)  # a method the model cannot run: refused now
-    serve(model, cfg, args.host, args.port, warm_up=not args.no_warmup)
+    # bound now: a taken port is refused before anything loads, and --port 0's choice is the port served
+    with socket.create_server((args.host, args.port)) as sock:
+        model = api.load(args.checkpoint, dtype=args.dtype)
+        cfg = ServerConfig(method=method, draft_len=draft_len, block_size=block_size, unmask=unmask,
+                           batch_size=args.batch_size, max_positions=args.max_positions,
+                           defaults=bulk.Defaults(args.max_new_bytes, sampling), stop_at_eos=stop_at_eos,
+                           model_name=args.model_name or Path(args.checkpoint).resolve().name)
+        api.method_config(model, method, draft_len, block_size, unmask)  # a method the model cannot run: refused
+        serve(model, cfg, args.host, args.port, warm_up=not args.no_warmup, sock=sock)
     return 0

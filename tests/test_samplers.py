@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blt_jax import model as model_lib
-from blt_jax.config import get_preset
+from blt_jax import model as model_lib, serve
+from blt_jax.config import ConfigError, get_preset
 from blt_jax.generation import api, engine
 from blt_jax.generation.cost import PAPER_PARAMS, ParamsForCost, eq8_bandwidth_gb
 from blt_jax.generation.forward import forward
@@ -146,8 +146,12 @@ def test_cached_methods_refuse_transformers_post_hoc_patch_splitting():
     m = random_model()
     cfg = dataclasses.replace(m.cfg, patching=dataclasses.replace(m.cfg.patching, drop_trailing_patch=True))
     converted = from_params(cfg, m.params, m.entropy_params)
-    with pytest.raises(Exception, match="drop_trailing_patch"):
+    with pytest.raises(ConfigError, match="drop_trailing_patch.*`blt generate --method ar-nocache` can"):
         api.generate(converted, ["abc"], max_new_bytes=4, method="ar")
+    # refused where the method is chosen, before anything compiles: `blt serve` and `--input` used to start, then
+    # fail every request (or the warm-up, with a traceback) advising ar-nocache, which they do not run
+    with pytest.raises(ConfigError, match="drop_trailing_patch"):
+        serve.Server(converted, serve.ServerConfig())
     assert api.generate(converted, ["abc"], max_new_bytes=4, method="ar-nocache")[0].cost["new_bytes"] == 4
 
 

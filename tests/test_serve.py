@@ -8,6 +8,7 @@ so it adds little compile time; the slow one starts `blt serve` as a user would.
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from blt_jax.generation import api
 from test_bulk import BATCH, POSITIONS, expected, random_model, save_run
 
 GOOD = [  # request body, the records (one per prompt) api.generate reproduces
-    {"prompt": "def f(x):", "max_tokens": 20, "seed": 4},
+    {"prompt": "def f(x):", "max_tokens": 20, "seed": 4, "frequency_penalty": 0},  # "off": accepted
     {"prompt": "import os", "max_tokens": 16, "temperature": 0.9, "top_p": 0.8, "seed": 11},
     {"prompt": ["ab", "class A:\n"], "max_tokens": 12},
 ]
@@ -40,6 +41,7 @@ BAD = [  # raw body, what the error message says
     ('{"prompt": "x", "method": "d"}', "needs a model trained with the diffusion objective"),
     ('{"prompt": "' + "y" * 60 + '", "max_tokens": 8}', "more than the 64 this run holds per row"),
     ('{"prompt": "x", "stop": ["\\n"]}', "stop: not supported"),
+    ('{"prompt": "x", "presence_penalty": 0.5}', "presence_penalty: not supported"),  # used to be ignored
     ("{bad", "not valid JSON"),
 ]
 
@@ -125,6 +127,24 @@ def test_serve_refuses_a_taken_port_before_loading_anything(tmp_path, capsys):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         assert main(["serve", "--checkpoint", str(tmp_path / "no-run"), "--port", str(taken.getsockname()[1])]) == 2
     assert "address already in use" in capsys.readouterr().err.lower()
+
+
+def test_serve_on_port_0_reports_the_port_it_serves(tmp_path):
+    """A probe: `--port 0` printed http://127.0.0.1:0/..., and the port the OS chose was never shown."""
+    run = save_run(random_model(), tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "blt_jax", "serve", "--checkpoint", run, "--port", "0",
+                             "--no-warmup"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        line = ""
+        while "http://" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server ended before it listened"
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1/completions", line).group(1))
+        assert port > 0 and httpx.get(f"http://127.0.0.1:{port}/health", timeout=60).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ from blt_jax.generation.loaded import LoadedModel, load_run
 from blt_jax.generation.placement import batch_devices, on_mesh
 from blt_jax.generation.nocache import generate_nocache
 from blt_jax.generation.prompts import prepare_prompts
-from blt_jax.generation.samplers import CACHED_METHODS, MethodConfig, advance, generate_cached, prefill
+from blt_jax.generation.samplers import (CACHED_METHODS, MethodConfig, advance, check_cached, generate_cached,
+                                         prefill)
 from blt_jax.generation.sampling import SamplingConfig, row_keys, rows_for
 from blt_jax.generation.unmasking import UnmaskConfig
 from blt_jax.tokenizer import decode_bytes
@@ -56,6 +57,7 @@ def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_siz
                   unmask: UnmaskConfig = UnmaskConfig()) -> MethodConfig:
     if method not in CACHED_METHODS:
         raise ValueError(f"method: unknown cached generation method {method!r}; choose one of {CACHED_METHODS}")
+    check_cached(model.cfg)
     if method in ("d", "dv") and not model.cfg.diffusion.enabled:
         raise ConfigError(f"method: {method!r} (BLT-D{'V' if method == 'dv' else ''}) needs a model trained with the "
                           "diffusion objective (model.diffusion.block_size > 0); this one is plain BLT "

@@ -247,10 +247,12 @@ ROUNDS: dict[str, Callable] = {"ar": ar_round, "s": speculative_round, "d": diff
 assert tuple(ROUNDS) == CACHED_METHODS
 
 
-def _check(spec: ModelSpec) -> None:
-    if spec.cfg.patching.drop_trailing_patch and spec.cfg.patching.max_patch_length is not None:
-        raise ConfigError("model.patching.drop_trailing_patch: transformers' post-hoc patch splitting is not "
-                          "incremental at the newest byte; cached generation needs it off (use ar-nocache)")
+def check_cached(cfg) -> None:
+    """Refuse a model (BLTConfig) the cached methods cannot run, before anything compiles."""
+    if cfg.patching.drop_trailing_patch and cfg.patching.max_patch_length is not None:
+        raise ConfigError("model.patching.drop_trailing_patch: transformers' post-hoc patch splitting (a model "
+                          "imported with `blt convert --from-hf`) is not incremental at the newest byte, so the cached "
+                          "methods cannot run this model; `blt generate --method ar-nocache` can")
 
 
 def chunks_without_decoder(chunk: int, lengths, reach: Optional[int]):
@@ -347,7 +349,7 @@ def generate_cached(spec: ModelSpec, method: MethodConfig, params: dict, tokens,
     """tokens (B, S): right-padded prompts in a buffer with room for budget (B,) bytes plus the method's
     lookahead; prompt_len: the static prompt bucket (prefilled in chunks). Returns the final EngineState
     (tokens, length, counters)."""
-    _check(spec)
+    check_cached(spec.cfg)
     with sharding.activation_rules(spec.sharding_rules):
         c = _prefill(spec, method, params, tokens, lengths, budget, row_keys, sampling, prompt_len, _dtype(params))
         r = Round(spec, method, params, allow_specials, stop_at_eos)
@@ -359,7 +361,7 @@ def prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths
             sampling: Optional[SamplingRows], prompt_len: int) -> Carry:
     """The carry of a batch of prompts after their prefill: what `advance` continues (streaming, continuous
     batching)."""
-    _check(spec)
+    check_cached(spec.cfg)
     with sharding.activation_rules(spec.sharding_rules):
         return _prefill(spec, method, params, tokens, lengths, budget, row_keys, sampling, prompt_len,
                         _dtype(params))
