@@ -342,6 +342,21 @@ def _train_parser(sub) -> None:
 # ---- eval --------------------------------------------------------------------------------------------------
 
 EVAL_TASKS = ("heldout", "bpb", "mc-next-line", "mc-gettext", "translate", "humaneval", "continuation")
+_GENERATION = ("method", "draft_len", "block_size", "unmask", "alpha", "gamma", "temperature", "top_k", "top_p",
+               "no_eos_stop")
+# the options each task reads (besides --checkpoint, --task, --json): another one given is refused, not ignored
+# (`--task mc-next-line --files mine.txt` used to score the embedded text, exit 0)
+EVAL_OPTIONS = {
+    "heldout": ("store", "split", "batches"),
+    "bpb": ("files", "window", "batch_size", "dtype"),
+    "mc-next-line": ("items", "seed", "batch_size", "dtype"),
+    "mc-gettext": ("items", "lang", "seed", "batch_size", "dtype"),
+    "translate": ("items", "lang", "shots", "max_new_bytes", "seed", "batch_size", "dtype", *_GENERATION),
+    "humaneval": ("items", "samples", "k", "timeout", "workers", "max_new_bytes", "seed", "batch_size", "dtype",
+                  *_GENERATION),
+    "continuation": ("items", "prompt_bytes", "target_bytes", "seed", "batch_size", "dtype", *_GENERATION),
+}
+assert set(EVAL_OPTIONS) == set(EVAL_TASKS)
 PASS_AT = (1, 10, 100)  # humaneval's default k: those up to --samples
 
 
@@ -360,7 +375,17 @@ def _pass_at_ks(args) -> tuple[int, ...]:
     return ks
 
 
+def _refuse_options_of_other_tasks(args) -> None:
+    reads = EVAL_OPTIONS[args.task]
+    for dest, default in args.eval_option_defaults.items():
+        if dest not in reads and getattr(args, dest) != default:
+            users = [task for task, options in EVAL_OPTIONS.items() if dest in options]
+            raise ValueError(f"--{dest.replace('_', '-')}: --task {args.task} does not use it (it applies to "
+                             f"--task {', '.join(users)})")
+
+
 def cmd_eval(args) -> int:
+    _refuse_options_of_other_tasks(args)
     if args.task == "heldout":
         from blt_jax.evaluate import heldout_bpb, unigram_bpb  # noqa: PLC0415
         from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
@@ -447,7 +472,8 @@ def _eval_parser(sub) -> None:
     e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--json", action="store_true", help="one compact JSON line, with per-item details")
     _add_generation_args(e)
-    e.set_defaults(fn=cmd_eval)
+    options = {dest for task_options in EVAL_OPTIONS.values() for dest in task_options}
+    e.set_defaults(fn=cmd_eval, eval_option_defaults={dest: e.get_default(dest) for dest in sorted(options)})
 
 
 # ---- generate ----------------------------------------------------------------------------------------------

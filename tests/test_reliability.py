@@ -419,6 +419,19 @@ def test_zero_never_silently_means_the_default(args, capsys):
     assert e.value.code == exit_codes.ERROR and args[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--task", "mc-next-line", "--files", "mine.txt"], "--files: --task mc-next-line does not use it (it applies "
+                                                        "to --task bpb)"),
+    (["--task", "continuation", "--max-new-bytes", "4"], "--max-new-bytes: --task continuation does not use it"),
+    (["--batch-size", "4"], "--batch-size: --task heldout does not use it"),
+    (["--task", "bpb", "--temperature", "0.8"], "--temperature: --task bpb does not use it")])
+def test_eval_refuses_options_its_task_does_not_use(args, named, capsys):
+    """A probe: `--task mc-next-line --files mine.txt` scored the embedded text instead, and continuation
+    ignored --max-new-bytes, both with exit 0. Refused before anything loads."""
+    assert main(["eval", "--checkpoint", "unused", *args]) == exit_codes.ERROR
+    assert named in capsys.readouterr().err
+
+
 def test_humaneval_refuses_k_above_the_sample_count(tiny_runs, capsys):
     assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "humaneval", "--samples", "2",
                  "--k", "1,10", "--items", "1", "--max-new-bytes", "4"]) == exit_codes.ERROR
