@@ -724,6 +724,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         more = " (BLT_DEBUG=1 shows the rest)" if len(lines) > 1 else ""
         print(f"blt {args.command}: error: {lines[0]}{more}", file=sys.stderr)
         return exit_codes.ERROR
+    except RuntimeError as e:  # jax's errors are RuntimeErrors; only running out of memory is the user's to fix
+        if "RESOURCE_EXHAUSTED" not in str(e) or os.environ.get("BLT_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(f"blt {args.command}: error: out of memory ({first}); lower the batch size, the lengths (--max-positions,"
+              " --max-new-bytes, the sequence length) or the model's size", file=sys.stderr)
+        return exit_codes.ERROR
     finally:
         warnings.showwarning = previous
 

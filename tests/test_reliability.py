@@ -432,6 +432,18 @@ def test_eval_refuses_options_its_task_does_not_use(args, named, capsys):
     assert named in capsys.readouterr().err
 
 
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    """A probe: `blt generate --input ... --batch-size 100000000` died with jax's RESOURCE_EXHAUSTED traceback
+    (exit 1). Any command that runs out of memory says so in one line, with what to lower."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    monkeypatch.setattr(cli, "cmd_params", lambda args: jnp.zeros((10**13,), jnp.uint8).block_until_ready())
+    assert main(["params", "--preset", "tiny"]) == exit_codes.ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("blt params: error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating")
+    assert err.count("\n") == 1 and "lower the batch size" in err
+
+
 def test_humaneval_refuses_k_above_the_sample_count(tiny_runs, capsys):
     assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "humaneval", "--samples", "2",
                  "--k", "1,10", "--items", "1", "--max-new-bytes", "4"]) == exit_codes.ERROR
