@@ -183,7 +183,7 @@ def test_a_run_another_job_is_training_is_refused(tiny_runs, tmp_path):
     assert train("blt", cfg, run, progress=False, stop_after=105)["step"] == 105
 
 
-def test_a_run_inside_its_data_store_is_refused(tiny_runs, tmp_path):
+def test_a_run_inside_its_data_store_or_a_file_is_refused(tiny_runs, tmp_path):
     """A probe: `--run` inside the store was accepted, and the store then held files that are not a store's
     (`prepare --overwrite` refused it for them). Refused up front, with nothing written."""
     cfg = run_config(copy_run(tiny_runs, tmp_path))
@@ -195,6 +195,10 @@ def test_a_run_inside_its_data_store_is_refused(tiny_runs, tmp_path):
         train("blt", cfg, store_root / "runs" / "blt", progress=False)
     assert "\n" not in str(e.value)
     assert sorted(p for p in store_root.rglob("*")) == before
+    (tmp_path / "notes.txt").write_text("mine")  # and a --run that is a file: "[Errno 17] File exists" before
+    with pytest.raises(ConfigError, match="notes.txt: is a file"):
+        train("blt", cfg, tmp_path / "notes.txt", progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # ---- silent wrong results ----------------------------------------------------------------------------------

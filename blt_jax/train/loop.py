@@ -327,15 +327,17 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     why a run ended before `steps`: "signal" (SIGINT/SIGTERM) or "stop_after". A run another job is
     training is refused (`checkpoint.RunInUse`), and so is a run inside its data store (`prepare
     --overwrite` would then refuse the store for the run's files, and the run's files would be in the store's)."""
-    _refuse_run_inside_store(cfg.data.path, run_dir)
+    _check_run_folder(cfg.data.path, run_dir)
     with ckpt.exclusive(run_dir):
         return _train(kind, cfg, Path(run_dir), entropy_run, progress, stop_after)
 
 
-def _refuse_run_inside_store(store_path: str, run_dir: str | Path) -> None:
-    if "://" in store_path or "://" in str(run_dir):
+def _check_run_folder(store_path: str, run_dir: str | Path) -> None:
+    if "://" in str(run_dir):
         return
-    if Path(run_dir).resolve().is_relative_to(Path(store_path).resolve()):
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ConfigError(f"--run {run_dir}: is a file; give a new folder, or a run to resume")
+    if "://" not in store_path and Path(run_dir).resolve().is_relative_to(Path(store_path).resolve()):
         raise ConfigError(f"--run {run_dir}: lies inside the data store {store_path}; nothing was written: keep runs "
                           "and stores in separate folders")
 
