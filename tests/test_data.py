@@ -130,10 +130,13 @@ def test_text_files_filters_and_dedups(tmp_path):
     (tmp_path / "sub" / "blob.bin").write_bytes(b"abc\0def")
     (tmp_path / "sub" / "empty.txt").write_bytes(b"")
     (tmp_path / "sub" / "rows.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n'))
-    got = sources.text_files([str(tmp_path), str(tmp_path / "a.txt"), str(tmp_path / "sub")])
+    (tmp_path / "sub" / "utf16.txt").write_text("hello", encoding="utf-16")  # NUL bytes: binary, but said so
+    with pytest.warns(sources.SkippedBinaryFiles, match=r"skipped 2 binary files .*UTF-16.*blob.bin, .*utf16.txt$"):
+        got = sources.text_files([str(tmp_path), str(tmp_path / "a.txt"), str(tmp_path / "sub")])
     assert [f.relative_to(tmp_path.resolve()).as_posix() for f in got] == ["a.txt", "sub/b.py", "sub/latin1.txt"]
     # glob patterns follow the same rules as `blt prepare --data` (they were refused as missing paths)
-    got = sources.text_files([str(tmp_path / "**" / "*.py"), str(tmp_path / "sub" / "*.txt")])
+    with pytest.warns(sources.SkippedBinaryFiles, match=r"skipped 1 binary file .*utf16.txt$"):
+        got = sources.text_files([str(tmp_path / "**" / "*.py"), str(tmp_path / "sub" / "*.txt")])
     assert [f.relative_to(tmp_path.resolve()).as_posix() for f in got] == ["sub/b.py", "sub/latin1.txt"]
     with pytest.raises(FileNotFoundError, match="missing"):
         sources.text_files([str(tmp_path / "missing")])

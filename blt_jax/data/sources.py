@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,10 @@ class InputFile:
         return self.format in RECORD_FORMATS
 
 
+class SkippedBinaryFiles(UserWarning):
+    """Plain files left out of the inputs as binary: a UTF-16 or UTF-32 text file is one too (NUL bytes)."""
+
+
 def _is_binary(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\0" in f.read(_BINARY_PROBE)
@@ -99,6 +104,7 @@ def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike |
     if not given:
         raise ValueError("no data paths given")
     found: dict[Path, Path] = {}
+    binary: set[Path] = set()
     for item in given:
         p = Path(item)
         if p.is_dir():
@@ -120,12 +126,21 @@ def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike |
             f = f.resolve()
             if skip is not None and f.is_relative_to(skip):
                 continue
-            if f.stat().st_size > 0 and (file_format(f) != "text" or not _is_binary(f)):
-                if f not in found or len(root.parts) > len(found[f].parts):
-                    found[f] = root
+            if f.stat().st_size == 0:
+                continue
+            if file_format(f) == "text" and _is_binary(f):
+                binary.add(f)
+            elif f not in found or len(root.parts) > len(found[f].parts):
+                found[f] = root
     if not found:
         raise ValueError(f"empty corpus: no readable files in {', '.join(given)} (empty, hidden and binary files "
                          f"are skipped; readable: {READABLE})")
+    if binary:  # said, not silent: a UTF-16 text file would otherwise just be missing from the corpus
+        names = sorted(str(f) for f in binary)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(SkippedBinaryFiles(f"skipped {len(names)} binary file{'s' if len(names) > 1 else ''} (a NUL byte "
+                                         f"in the first 8 KB; convert UTF-16/UTF-32 text to UTF-8): {shown}"),
+                      stacklevel=2)
     return found
 
 
