@@ -75,6 +75,13 @@ def test_cached_ar_without_max_patch_length():
                 ids_of(api.generate(m, ps, max_new_bytes=20, method="ar-nocache")), "no max_patch_length")
 
 
+def test_a_draft_longer_than_the_budget_drafts_no_more_than_the_budget(plain):
+    """A probe: `--method s --draft-len 10000 --max-new-bytes 16` made 10,002 decoder calls (99 s, not 37)."""
+    want = api.generate(plain, ["def f("], max_new_bytes=6, method="ar")[0]
+    got = api.generate(plain, ["def f("], max_new_bytes=6, method="s", draft_len=300)[0]
+    assert got.token_ids == want.token_ids and got.cost["decoder_calls"] <= 6 * (6 + 2)  # <= 6 rounds of k = 6
+
+
 @pytest.mark.parametrize("k", [pytest.param(4, marks=pytest.mark.slow), 8, pytest.param(16, marks=pytest.mark.slow)])
 def test_blt_s_greedy_equals_blt_greedy(plain, k):
     ps = prompts(56, seed=1)

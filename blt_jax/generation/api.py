@@ -125,7 +125,9 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
     (`cost_record`). Row i samples with key data fold_in(key(seed), i)."""
     if method not in METHODS:
         raise ValueError(f"method: unknown generation method {method!r}; choose one of {METHODS}")
-    mc = None if method == "ar-nocache" else method_config(model, method, draft_len, block_size, unmask)
+    # a draft longer than the budget only drafts bytes nobody asked for (the output is the same: BLT-S == ar)
+    mc = None if method == "ar-nocache" else method_config(model, method, min(draft_len, max(max_new_bytes, 1)),
+                                                           block_size, unmask)
     batch, (tokens, lengths, budget, keys) = _inputs(model, prompts, max_new_bytes, mc, seed)
     programs.make_room()  # these shapes may compile
     B = batch.tokens.shape[0]
@@ -168,7 +170,7 @@ def stream(model: LoadedModel, prompt: str, max_new_bytes: int = 128, method: st
         raise ValueError("stream: method 'ar-nocache' keeps no state between calls; use a cached method")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
-    mc = method_config(model, method, draft_len, block_size, unmask)
+    mc = method_config(model, method, min(draft_len, max(max_new_bytes, 1)), block_size, unmask)
     if model.mesh is not None:
         raise ValueError("stream: streams one prompt on one device; generate batches on a mesh with `generate`")
     batch, (tokens, lengths, budget, keys) = _inputs(model, [prompt], max_new_bytes, mc, seed)
