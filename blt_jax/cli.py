@@ -211,6 +211,7 @@ def cmd_prepare(args) -> int:
     import jax  # noqa: PLC0415
 
     from blt_jax import prepare  # noqa: PLC0415
+    from blt_jax.data import store  # noqa: PLC0415
 
     cfg = _run_config(args)
     root = cfg.data.path
@@ -220,6 +221,7 @@ def cmd_prepare(args) -> int:
         plan = prepare.plan_corpus(args.data, args.heldout_fraction, args.max_train_bytes, args.text_field,
                                    args.shard_tokens, store_root=root)
         if plan.matches(_manifest(root)) and not args.overwrite:
+            store.check_tokens(root)
             say(f"{root} already holds this corpus (same files and options): nothing to do (--overwrite "
                 "prepares it again)")
         else:
@@ -276,7 +278,7 @@ def _prepare_parser(sub) -> None:
                          "without it an existing store is refused, and adding entropies is the only update")
     pr.add_argument("--heldout-fraction", type=finite_float, default=0.02,
                     help="held out for evaluation: whole text files, or single records, by a hash of their path")
-    pr.add_argument("--max-train-bytes", type=int, default=None,
+    pr.add_argument("--max-train-bytes", type=positive_int, default=None,
                     help="keep a deterministic subset of the training text files up to this many bytes")
     pr.add_argument("--shard-tokens", type=positive_int, default=1 << 20,
                     help="elements per stored shard: the unit of writing and of resuming (default 1048576)")

@@ -250,8 +250,15 @@ def calibrate_threshold(cfg: PatchingConfig, tokens: np.ndarray, entropies: np.n
     target = cfg.target_patch_length if target is None else target
     if tokens.size == 0:
         raise ValueError("calibration data is empty")
-    lo, hi = float(np.min(entropies)) - 1e-3, float(np.max(entropies)) + 1e-3
+    # the threshold is compared with entropies, or with their rise over the previous byte's (monotonic rule)
+    compared = np.diff(entropies, axis=1, prepend=0.0) if cfg.rule == "monotonic" else entropies
+    lo, hi = float(np.min(compared)) - 1e-3, float(np.max(compared)) + 1e-3
+    shortest = mean_patch_length(start_flags(cfg, tokens, entropies, lo))
     best = (hi, mean_patch_length(start_flags(cfg, tokens, entropies, hi)))
+    if not shortest <= target <= best[1]:  # a threshold at either end of the search would be stored silently
+        caps = f"; model.patching.max_patch_length {cfg.max_patch_length} caps it" if cfg.max_patch_length else ""
+        raise ValueError(f"target mean patch length {target:g} is out of reach: on these windows any threshold "
+                         f"gives between {shortest:.3f} and {best[1]:.3f} bytes per patch{caps}")
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         mpl = mean_patch_length(start_flags(cfg, tokens, entropies, mid))

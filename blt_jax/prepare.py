@@ -104,6 +104,9 @@ def plan_corpus(data: Sequence[str] | None = None, heldout_fraction: float = 0.0
         raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if max_train_bytes is not None and max_train_bytes < 1:  # 0 would empty the train split and blame the fraction
+        raise ConfigError(f"--max-train-bytes: must be >= 1 (leave it out to keep every training file), "
+                          f"got {max_train_bytes}")
     if data:
         roots = sources.find_inputs(data, exclude=store_root)
         paths = sorted(roots, key=lambda f: f.as_posix())
@@ -252,6 +255,7 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
     existing = store.manifest_or_none(root)
     if existing is not None and not overwrite:
         if plan.matches(existing):
+            store.check_tokens(root)  # kept as it is only if whole: a re-run says a damaged store is damaged
             return existing
         raise ConfigError(f"--store {root}: already holds a data store ({existing.get('corpus', 'unknown corpus')}); "
                           "--overwrite replaces it, with its entropies and threshold")
@@ -315,7 +319,9 @@ def _assemble(root: str, reports: list[dict], procs: Processes, shard: int) -> N
     procs.barrier("blt_jax: prepare: final arrays created")
     for split in store.SPLITS:
         offsets = np.cumsum([0] + lengths[split][:-1])
-        parts = [(int(offset), store.open_array(root, store.STAGING, f"{q}-of-{procs.count}", split, "tokens")[:n])
+        # staging arrays keep their GROWING length: nominal, so their shards are not checked
+        parts = [(int(offset), store.open_array(root, store.STAGING, f"{q}-of-{procs.count}", split, "tokens",
+                                                expect_complete=False)[:n])
                  for q, (offset, n) in enumerate(zip(offsets, lengths[split], strict=True)) if n]
         total = sum(lengths[split])
         mine = store.shard_range(-(-total // shard), procs.index, procs.count)
@@ -395,7 +401,8 @@ def make_entropy_fn(run_dir: str | Path):
 
 def add_entropies(root: str, entropy_run: str | Path, progress: bool = True, overwrite: bool = False) -> str:
     """Precompute the entropies of both splits with the given entropy model; returns "computed", "resumed"
-    (an interrupted computation by the same model finished) or "complete" (nothing to do).
+    (an interrupted computation by the same model finished, or shard files lost from finished entropies
+    computed again) or "complete" (nothing to do).
 
     The manifest first records the model and an unset completion mark (and loses any calibrated threshold);
     the mark is set after every shard of both splits is stored. Entropies of another model are replaced only
@@ -405,8 +412,13 @@ def add_entropies(root: str, entropy_run: str | Path, progress: bool = True, ove
     manifest = store.read_manifest(root)
     state = store.entropy_state(manifest, digest)
     run = str(Path(entropy_run).absolute())
-    if state == "complete":
+    if state == "complete" and not _lost_entropy_shards(root):
         return "complete"
+    if state == "complete":  # shard files lost from a finished store: the same model computes just those again
+        state = "partial"
+        procs.barrier("blt_jax: entropies: lost shards listed")  # every process listed before the mark changes
+        if procs.index == 0:
+            store.update_manifest(root, entropies_complete=False)
     if (state == "other" or (state == "legacy" and manifest.get("entropy_run") != run)) and not overwrite:
         which = "an unfinished computation of entropies" if manifest.get("entropies_complete") is False else \
             "entropies"
@@ -427,6 +439,17 @@ def add_entropies(root: str, entropy_run: str | Path, progress: bool = True, ove
         store.update_manifest(root, entropy_run=run, entropies_complete=True)  # the completion mark, last
     procs.barrier("blt_jax: entropies: complete")
     return "computed" if fresh else "resumed"
+
+
+def _lost_entropy_shards(root: str) -> bool:
+    for split in store.SPLITS:
+        try:
+            array = store.open_array(root, split, "entropies", expect_complete=False)
+        except FileNotFoundError:
+            return True
+        if store.missing_shards(root, (split, "entropies"), array):
+            return True
+    return False
 
 
 def check_entropy_run(store_root: str, entropy_run: str | Path, params=None) -> dict:
@@ -454,6 +477,8 @@ def calibrate(root: str, patching: PatchingConfig, seq_len: int, target: float |
     held-out split (all of it when it is smaller)."""
     if patching.mode != "entropy":
         raise ConfigError(f"model.patching.mode: calibration applies to entropy patching, not {patching.mode!r}")
+    if target is not None and not target > 1:  # model.patching.target_patch_length's own rule
+        raise ConfigError(f"--target: a mean patch length must be > 1 byte per patch, got {target}")
     manifest = store.read_manifest(root)
     if store.entropy_state(manifest) == "none":
         raise ConfigError(f"{root}: no entropies; run `blt prepare --entropy-run RUN` first")

@@ -291,6 +291,19 @@ def test_the_capped_training_subset_does_not_depend_on_where_the_corpus_lies(tmp
     assert 0 < len(kept[0]) < 50 and kept[0] == kept[1]
 
 
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_max_train_bytes_below_one_is_refused_naming_it(tmp_path, capsys, value):
+    """0 (or a negative count) left the training split empty and the error blamed --heldout-fraction."""
+    for i in range(4):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n" * 10)
+    root = tmp_path / "store"
+    assert main(["prepare", "--data", str(tmp_path / "doc*.txt"), "--store", str(root), "--max-train-bytes", value,
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--max-train-bytes: must be >= 1 (leave it out to keep every training file), got {value}" in err
+    assert "--heldout-fraction" not in err and not root.exists()
+
+
 # ---- the same store from 1 and 2 processes ------------------------------------------------------------------
 
 def _pod_corpus(base: Path) -> Path:

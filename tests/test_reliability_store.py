@@ -5,11 +5,18 @@
    training took it; now entropies carry a completion mark, a partial store is refused, and it resumes.
 7. A store's entropies from entropy model A trained a BLT with `--entropy-run B`; now the store records a
    digest of A's parameters and B is refused.
+
+And from a later probe: `prepare` took any file whose name starts with `manifest.json` (a backup, an
+application's own manifest) for the store's own and deleted or replaced it; a deleted shard file read as
+zeros in training, evaluation and calibration; `calibrate --target` took targets no threshold reaches.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +24,12 @@ from conftest import STDLIB, tiny_config
 
 from blt_jax import prepare
 from blt_jax.cli import main
-from blt_jax.config import ConfigError
+from blt_jax.config import ConfigError, PatchingConfig
 from blt_jax.data import store
-from blt_jax.data.pipeline import WindowSource
+from blt_jax.data.pipeline import LMWindows, WindowSource, make_eval_batches, make_train_iterator
+from blt_jax.evaluate import unigram_bpb
 from blt_jax.train import checkpoint as ckpt
+from blt_jax.patching import calibrate_threshold, mean_patch_length, start_flags
 from blt_jax.train.loop import train
 
 SHARD = 2048
@@ -43,6 +52,16 @@ def runs(tiny_runs, tmp_path_factory):
 def _copy(root: str, dest) -> str:
     shutil.copytree(root, dest)
     return str(dest)
+
+
+@pytest.fixture(scope="module")
+def with_entropies(runs, tmp_path_factory):
+    """The fixture's token store with entropy model A's entropies and a calibrated threshold (copy it to
+    change it)."""
+    cfg, run_a, _, tokens_only = runs
+    root = _copy(tokens_only, tmp_path_factory.mktemp("with_entropies") / "store")
+    prepare.ensure_entropies(root, run_a, cfg.model.patching, cfg.data.seq_len, progress=False)
+    return root
 
 
 # ---- 2: an existing store is not replaced without --overwrite ---------------------------------------------
@@ -117,9 +136,186 @@ def test_a_damaged_manifest_is_named(tmp_path, capsys):
     (tmp_path / "store" / "manifest.json").write_text("hi\n")
     (tmp_path / "a.txt").write_text("text\n" * 10)
     (tmp_path / "b.txt").write_text("more text\n" * 10)
-    assert main(["prepare", "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--store",
-                 str(tmp_path / "store"), "--no-progress"]) == 2
-    assert "manifest.json is not a blt data store manifest (invalid JSON" in capsys.readouterr().err
+    for extra in ([], ["--overwrite"]):  # not a store's manifest: the user's file, never replaced
+        assert main(["prepare", "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--store",
+                     str(tmp_path / "store"), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "not a data store's (manifest.json (invalid JSON" in err and len(err.strip().splitlines()) == 1
+        assert (tmp_path / "store" / "manifest.json").read_text() == "hi\n"
+    with pytest.raises(ValueError, match="manifest.json is not a blt data store manifest \\(invalid JSON"):
+        WindowSource(str(tmp_path / "store"), "train", 64)
+
+
+def test_prepare_keeps_files_that_only_look_like_the_manifest(tmp_path, capsys):
+    """`manifest.json.bak` was deleted by `prepare` (the store's own keys were those *starting with*
+    manifest.json), and an application's own `manifest.json` was taken for a store's (without --overwrite:
+    "already holds a data store (unknown corpus)"; with it: replaced). Both are the user's files now: refused,
+    with and without --overwrite, and left as they were."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}\n" * 40)
+    backup, app = tmp_path / "backup", tmp_path / "app"
+    backup.mkdir()
+    app.mkdir()
+    (backup / "manifest.json.bak").write_text("backup\n")
+    (app / "manifest.json").write_text('{"name": "my app"}')
+    for folder, named in ((backup, "manifest.json.bak"), (app, "manifest.json (no format_version")):
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        for extra in ([], ["--overwrite"]):
+            assert main(["prepare", "--data", str(corpus), "--store", str(folder), "--no-progress", *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"holds files that are not a data store's ({named}" in err and "nothing was changed" in err
+            assert len(err.strip().splitlines()) == 1
+            assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    # training and evaluation on the app's folder: a one-line error, not a KeyError from a foreign manifest
+    with pytest.raises(ValueError, match="manifest.json is not a blt data store manifest \\(no format_version"):
+        WindowSource(str(app), "train", 64)
+    assert store.manifest_or_none(str(app)) is None
+
+    # a real store next to the user's backup of its manifest: --overwrite refuses to take the backup with it
+    root = tmp_path / "store"
+    assert main(["prepare", "--data", str(corpus), "--store", str(root), "--no-progress"]) == 0
+    (root / "manifest.json.bak").write_bytes((root / "manifest.json").read_bytes())
+    capsys.readouterr()
+    assert main(["prepare", "--data", str(corpus), "--store", str(root), "--no-progress", "--overwrite"]) == 2
+    assert "not a data store's (manifest.json.bak)" in capsys.readouterr().err
+    assert (root / "manifest.json.bak").read_bytes() == (root / "manifest.json").read_bytes()
+    (root / "manifest.json.bak").unlink()
+    (root / "manifest.json.keep").write_text("mine\n")
+    with pytest.raises(ConfigError, match="manifest.json.keep"):
+        store.clear(str(root))
+    (root / "manifest.json.keep").unlink()
+    store.clear(str(root))
+    assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+def test_prepare_refuses_a_store_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("text\n" * 10)
+    (tmp_path / "b.txt").write_text("more text\n" * 10)
+    plain = tmp_path / "notes.txt"
+    plain.write_text("my notes\n")
+    for extra in ([], ["--overwrite"]):
+        assert main(["prepare", "--data", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--store", str(plain),
+                     "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--store {plain}: is a file, not a folder" in err and "NOT_FOUND" not in err
+        assert plain.read_text() == "my notes\n"
+    with pytest.raises(FileNotFoundError, match="it is a file, not a folder"):
+        store.read_manifest(str(plain))
+
+
+# ---- a missing shard file is damage, refused where the arrays are opened (it would read as zeros) ----------
+
+def _drop_shard(root: str, path: str, index: int) -> None:
+    """Delete one shard file of a local store, as a partial copy or a stray `rm` would."""
+    (Path(root) / path / "c" / str(index)).unlink()
+
+
+def test_a_missing_token_shard_is_refused_not_read_as_zeros(runs, tmp_path, capsys):
+    cfg, _, _, tokens_only = runs
+    root = _copy(tokens_only, tmp_path / "store")
+    manifest = store.read_manifest(root)
+    train_shards = -(-manifest["train"]["num_tokens"] // SHARD)
+    assert train_shards > 3 and manifest["heldout"]["num_tokens"] > 0
+    _drop_shard(root, "train/tokens", 2)
+    _drop_shard(root, "heldout/tokens", 0)
+    data_cfg = tiny_config(root).data
+    for split, gone in (("train", "train/tokens/c/2"), ("heldout", "heldout/tokens/c/0")):
+        pattern = f"damaged: {split}/tokens is missing shard files {gone} \\(1 of .*--store {root} --overwrite"
+        with pytest.raises(ValueError, match=pattern):
+            WindowSource(root, split, 64)  # what training and evaluation read through
+        with pytest.raises(ValueError, match=pattern):
+            store.open_array(root, split, "tokens")
+    with pytest.raises(ValueError, match="train/tokens is missing shard files"):
+        make_train_iterator(data_cfg, "train", LMWindows(), seed=0)
+    with pytest.raises(ValueError, match="heldout/tokens is missing shard files"):
+        make_eval_batches(data_cfg, "heldout", LMWindows())
+    with pytest.raises(ValueError, match="missing shard files"):
+        unigram_bpb(root)  # `blt eval`'s baseline
+    # the command line: one line, exit status 2
+    assert main(["train", "--preset", "tiny", "--store", root, "--run", str(tmp_path / "run"), "--set",
+                 "model.patching.mode=static", "--set", "train.steps=2", "--set", "train.warmup_steps=1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train/tokens is missing shard files train/tokens/c/2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the run folder (and its lock) was made
+    # a re-run of the same `blt prepare` says the store is damaged (it said "nothing to do")
+    with pytest.raises(ValueError, match="train/tokens is missing shard files"):
+        store.check_tokens(root)
+
+
+def test_missing_shards_are_found_in_any_kvstore_and_not_in_unfinished_arrays():
+    root = f"memory://{uuid.uuid4().hex}/"
+    store.write_documents(root, {"train": [bytes(range(200))] * 3, "heldout": [b"held out"]}, shard=64)
+    tokens = store.open_array(root, "train", "tokens")
+    last = -(-tokens.shape[0] // 64) - 1
+    store.delete_prefix(root, f"train/tokens/c/{last}")  # the last shard: a prefix of no other key
+    with pytest.raises(ValueError, match=f"missing shard files train/tokens/c/{last} "):
+        store.open_array(root, "train", "tokens")
+    assert store.missing_shards(root, ("train", "tokens"), tokens) == [last]
+    # what is still being written, or computed resumably, is opened without the check
+    assert store.open_array(root, "train", "tokens", expect_complete=False).shape == tokens.shape
+    growing = store.create_array(root, ("train", "more"), np.uint16, store.GROWING, 64)
+    growing[:10].write(np.ones(10, np.uint16)).result()
+    assert store.missing_shards(root, ("train", "more"), growing) == []
+    store.open_array(root, "train", "more")
+
+
+def test_a_missing_entropy_shard_is_refused_and_recomputed(runs, with_entropies, tmp_path, monkeypatch):
+    """Entropy shards: refused once the store says they are complete (never while a computation resumes);
+    the command the error names computes the lost shard again, to the same values."""
+    cfg, run_a, _, _ = runs
+    root = _copy(with_entropies, tmp_path / "store")
+    _drop_shard(root, "train/entropies", 1)
+    _drop_shard(root, "heldout/entropies", 0)
+    with pytest.raises(ValueError, match=f"train/entropies is missing shard files train/entropies/c/1 .*"
+                                         f"blt prepare --store {root} --entropy-run {run_a}"):
+        WindowSource(root, "train", 64, ("tokens", "entropies"))
+    WindowSource(root, "train", 64, ("tokens",))  # the tokens are whole
+    with pytest.raises(ValueError, match="heldout/entropies is missing shard files heldout/entropies/c/0 "):
+        prepare.calibrate(root, cfg.model.patching, cfg.data.seq_len)  # calibrates on held-out entropies
+    calls = []
+    _interrupt_after(monkeypatch, 10**6, calls)  # never interrupts: counts the entropy model's calls
+    result = prepare.ensure_entropies(root, run_a, cfg.model.patching, cfg.data.seq_len, progress=False)
+    assert result["entropies"] == "resumed" and result["calibrated"]
+    assert len(calls) == 2  # the lost shards only: one per split, one call each
+    for split in store.SPLITS:
+        np.testing.assert_array_equal(store.open_array(root, split, "entropies").read().result(),
+                                      store.open_array(with_entropies, split, "entropies").read().result())
+    assert store.read_manifest(root)["entropies_complete"] is True
+    WindowSource(root, "train", 64, ("tokens", "entropies"))
+
+
+# ---- calibration refuses targets no threshold reaches --------------------------------------------------------
+
+def test_calibrate_refuses_unreachable_targets_and_keeps_the_threshold(with_entropies, tmp_path, capsys):
+    root = _copy(with_entropies, tmp_path / "store")
+    before = store.read_manifest(root)
+    for target, says in (("0", "--target: a mean patch length must be > 1 byte per patch, got 0"),
+                         ("-2", "must be > 1 byte"), ("1", "must be > 1 byte"),
+                         ("1e9", "target mean patch length 1e+09 is out of reach"),
+                         ("9", "model.patching.max_patch_length 8 caps it")):
+        assert main(["calibrate", "--preset", "tiny", "--store", root, "--target", target]) == 2, target
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert store.read_manifest(root) == before
+    assert main(["calibrate", "--preset", "tiny", "--store", root, "--target", "3"]) == 0
+    achieved = json.loads(capsys.readouterr().out)["mean_patch_length"]
+    assert abs(achieved - 3) < 0.3 and store.read_manifest(root)["patching_target"] == 3
+
+
+def test_monotonic_calibration_reaches_short_patches():
+    """The monotonic rule compares the threshold with each entropy's rise over the previous one, which can be
+    negative: the search covers those values, so targets under ~2 bytes are reached rather than refused."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 260, (32, 128))
+    entropies = rng.gamma(2.0, 0.7, (32, 128)).astype(np.float32)
+    cfg = PatchingConfig(rule="monotonic")
+    for target in (1.3, 1.6, 4.0):
+        threshold, achieved = calibrate_threshold(cfg, tokens, entropies, target)
+        assert abs(achieved - target) < 0.05 * target
+        assert mean_patch_length(start_flags(cfg, tokens, entropies, threshold)) == achieved
 
 
 # ---- 6: entropies are valid only when complete; a partial computation is refused and resumes ---------------

@@ -9,7 +9,9 @@ I/O goes through tensorstore, so a bucket behaves like a folder. Layout:
 
 Arrays are sharded: shards of `shard` elements (default 1M; the unit of writing and of resuming: every
 shard is written whole, once, by one process, so a stored shard is a finished one) of 16K-element zstd
-chunks (the unit of reading: a random window decodes ~32 KB, not a whole shard).
+chunks (the unit of reading: a random window decodes ~32 KB, not a whole shard). Every shard within an
+array's length is stored, fill values too, so a missing shard file is damage: `open_array` refuses it
+(tensorstore would read zeros).
 
 The manifest is written last: a store without one is unfinished and is never read. Entropies carry their
 own completion mark (`entropies_complete`, written after every shard of both splits is stored) and the
@@ -92,21 +94,43 @@ def read_json(root: str | os.PathLike, key: str):
 
 # ---- manifest ---------------------------------------------------------------------------------------------
 
+def _is_a_file(root: str | os.PathLike) -> bool:
+    """Whether a local `root` (or file:// URL) names a plain file, where a store's folder should be."""
+    spec = kvstore_spec(root)
+    return spec.get("driver") == "file" and os.path.isfile(spec["path"].rstrip("/"))
+
+
+def _not_a_manifest_because(raw: bytes) -> str | None:
+    """Why `raw` is not a data store's manifest (a JSON object with `format_version`, as every format wrote
+    one), or None when it is one: a `manifest.json` of the user's own is neither read nor deleted as ours."""
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:  # invalid JSON or invalid UTF-8
+        return f"invalid JSON: {e}"
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        return "no format_version: not written by blt prepare"
+    return None
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
     result = _kvstore(root).read(MANIFEST).result()
     if result.state != "value":
+        if _is_a_file(root):
+            raise FileNotFoundError(f"no data store at {root}: it is a file, not a folder")
         raise FileNotFoundError(f"no data store at {root}: {MANIFEST} is missing (prepare the data first)")
-    try:
-        return json.loads(result.value)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{root}: {MANIFEST} is not a blt data store manifest (invalid JSON: {e})") from None
+    why = _not_a_manifest_because(result.value)
+    if why is not None:
+        raise ValueError(f"{root}: {MANIFEST} is not a blt data store manifest ({why})")
+    return json.loads(result.value)
 
 
 def manifest_or_none(root: str | os.PathLike) -> dict | None:
-    try:
-        return read_manifest(root)
-    except FileNotFoundError:
+    """The store's manifest; None where there is none, or where `manifest.json` is not a store's (a file of the
+    user's own: `refuse_foreign_files` names it, and nothing may replace it)."""
+    result = _kvstore(root).read(MANIFEST).result()
+    if result.state != "value" or _not_a_manifest_because(result.value) is not None:
         return None
+    return json.loads(result.value)
 
 
 def _write_manifest(root: str | os.PathLike, manifest: dict) -> None:
@@ -122,12 +146,21 @@ def update_manifest(root: str | os.PathLike, drop: Sequence[str] = (), **fields)
 
 
 def refuse_foreign_files(root: str | os.PathLike) -> None:
-    """ConfigError when `root` holds keys that are not a store's (manifest, staging, arrays under the splits):
-    the user's own files, which `clear` must never take with it."""
-    keys = sorted(k.decode() for k in _kvstore(root).list().result())
+    """ConfigError when `root` is a file, or holds keys that are not a store's (its manifest, staging, arrays
+    under the splits): the user's own files, which `clear` must never take with it. Only the exact manifest key
+    is the store's, and only when it holds a store's manifest (`manifest.json.bak`, or an application's own
+    `manifest.json`, is the user's)."""
+    if _is_a_file(root):
+        raise ConfigError(f"--store {root}: is a file, not a folder; nothing was changed: give a new or empty folder")
+    kv = _kvstore(root)
+    keys = sorted(k.decode() for k in kv.list().result())
     arrays = {k[:-len("zarr.json")] for k in keys if k.endswith("/zarr.json") and k.split("/", 1)[0] in SPLITS}
     foreign = [k for k in keys
-               if not (k.startswith((MANIFEST, STAGING + "/")) or any(k.startswith(a) for a in arrays))]
+               if not (k == MANIFEST or k.startswith(STAGING + "/") or any(k.startswith(a) for a in arrays))]
+    if MANIFEST in keys:
+        why = _not_a_manifest_because(kv.read(MANIFEST).result().value)
+        if why is not None:
+            foreign.insert(0, f"{MANIFEST} ({why})")
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ConfigError(f"--store {root}: holds files that are not a data store's ({shown}); nothing was "
@@ -140,7 +173,7 @@ def clear(root: str | os.PathLike) -> None:
     is refused first (`refuse_foreign_files`), untouched."""
     refuse_foreign_files(root)
     kv = _kvstore(root)
-    kv.delete_range(_prefix_range(MANIFEST)).result()
+    kv.delete_range(ts.KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()  # that key alone, not its namesakes
     for prefix in (*SPLITS, STAGING):
         kv.delete_range(_prefix_range(prefix + "/")).result()
 
@@ -151,15 +184,56 @@ def has_array(root: str | os.PathLike, split: str, name: str) -> bool:
     return _kvstore(root).read(f"{split}/{name}/zarr.json").result().state == "value"
 
 
-def open_array(root: str | os.PathLike, split: str, name: str, *more: str, write: bool = False) -> ts.TensorStore:
-    """A handle on `{root}/{split}/{name}` (read-only unless `write`)."""
+def open_array(root: str | os.PathLike, split: str, name: str, *more: str, write: bool = False,
+               expect_complete: bool = True) -> ts.TensorStore:
+    """A handle on `{root}/{split}/{name}` (read-only unless `write`). A read-only handle on a complete array
+    (`expect_complete`: all but a resumable computation's or one still being written) is refused when a shard
+    file is missing: tensorstore would read it as zeros."""
     try:
-        return ts.open(_array_spec(root, split, name, *more, write=write), context=_CONTEXT, open=True, read=True,
-                       write=write).result()
+        array = ts.open(_array_spec(root, split, name, *more, write=write), context=_CONTEXT, open=True, read=True,
+                        write=write).result()
     except ValueError as e:
         if "NOT_FOUND" in str(e):
             raise FileNotFoundError(f"data store {root} has no array {'/'.join((split, name, *more))}") from None
         raise
+    if expect_complete and not write:
+        _refuse_missing_shards(root, (split, name, *more), array)
+    return array
+
+
+def check_tokens(root: str | os.PathLike) -> None:
+    """Refuse a store that lacks token shard files (`open_array`): what `blt prepare` would keep as it is and
+    `blt train` would start a run on."""
+    for split in SPLITS:
+        open_array(root, split, "tokens")
+
+
+def missing_shards(root: str | os.PathLike, parts: Sequence[str], array: ts.TensorStore) -> list[int]:
+    """Shards within `array`'s length (the array at `{root}/{parts...}`) that have no stored file. Every shard
+    of a finished array is stored, fill values included (`create_array`), so each one missing is damage (a
+    deleted or partly copied file), or a computation still under way. One listing of the array's keys."""
+    length = array.shape[0]
+    if length >= GROWING:  # a nominal length: the array is still being written
+        return []
+    stored = _stored_shard_indices(root, "/".join(parts))
+    return [s for s in range(-(-length // shard_size(array))) if s not in stored]
+
+
+def _refuse_missing_shards(root: str | os.PathLike, parts: Sequence[str], array: ts.TensorStore) -> None:
+    missing = missing_shards(root, parts, array)
+    if not missing:
+        return
+    path = "/".join(parts)
+    total = -(-array.shape[0] // shard_size(array))
+    shown = ", ".join(f"{path}/c/{s}" for s in missing[:3]) + (f" and {len(missing) - 3} more"
+                                                               if len(missing) > 3 else "")
+    if parts[-1] == "entropies":  # the same model recomputes exactly the missing shards
+        run = (manifest_or_none(root) or {}).get("entropy_run") or "ENTROPY_RUN"
+        fix = f"recompute them with `blt prepare --store {root} --entropy-run {run}`"
+    else:
+        fix = f"prepare it again with `blt prepare --data ... --store {root} --overwrite`"
+    raise ValueError(f"data store {root} is damaged: {path} is missing shard files {shown} ({len(missing)} of "
+                     f"{total}), which would read as zeros; restore them from a good copy, or {fix}")
 
 
 def shard_size(array: ts.TensorStore) -> int:
@@ -287,7 +361,12 @@ def shard_range(num_shards: int, index: int, count: int) -> range:
 
 def stored_shards(root: str | os.PathLike, split: str, name: str) -> set[int]:
     """Indices of the shards of `{split}/{name}` present in the store (zarr3's `c/<index>` keys)."""
-    prefix = f"{split}/{name}/c/"
+    return _stored_shard_indices(root, f"{split}/{name}")
+
+
+def _stored_shard_indices(root: str | os.PathLike, path: str) -> set[int]:
+    # listed through the store's own kvstore, so a bucket or memory:// store is checked like a folder
+    prefix = f"{path}/c/"
     keys = _kvstore(root).list(_prefix_range(prefix)).result()
     return {int(k.decode()[len(prefix):]) for k in keys if k.decode()[len(prefix):].isdigit()}
 
@@ -342,7 +421,7 @@ def compute_entropies(root: str | os.PathLike, split: str, entropy_fn: Callable[
     n, shard = tokens.shape[0], shard_size(tokens)
     if index == 0:
         try:
-            current = open_array(root, split, "entropies")
+            current = open_array(root, split, "entropies", expect_complete=False)  # resumable: shards may lack
             reuse = current.shape[0] == n and shard_size(current) == shard
         except FileNotFoundError:
             reuse = False

@@ -328,8 +328,10 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     training is refused (`checkpoint.RunInUse`), and so is a run inside its data store (`prepare
     --overwrite` would then refuse the store for the run's files, and the run's files would be in the store's)."""
     _check_run_folder(cfg.data.path, run_dir)
+    task = resolve_task(kind, absolute_store(cfg))  # a bad store is refused before the run folder is made
+    store.check_tokens(task.cfg.data.path)
     with ckpt.exclusive(run_dir):
-        return _train(kind, cfg, Path(run_dir), entropy_run, progress, stop_after)
+        return _train(task, Path(run_dir), entropy_run, progress, stop_after)
 
 
 def _check_run_folder(store_path: str, run_dir: str | Path) -> None:
@@ -342,10 +344,9 @@ def _check_run_folder(store_path: str, run_dir: str | Path) -> None:
                           "and stores in separate folders")
 
 
-def _train(kind: str, cfg: RunConfig, run_dir: Path, entropy_run: Optional[str], progress: bool,
+def _train(task: Task, run_dir: Path, entropy_run: Optional[str], progress: bool,
            stop_after: Optional[int]) -> dict[str, Any]:
-    task = resolve_task(kind, absolute_store(cfg))
-    cfg, tc = task.cfg, task.train_cfg
+    kind, cfg, tc = task.kind, task.cfg, task.train_cfg
     plan = _plan(task)
     # every process must see the run directory as it was before any of them writes to it
     resuming = (run_dir / ckpt.RUN_META).exists()
