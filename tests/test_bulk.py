@@ -12,8 +12,10 @@ import base64
 import dataclasses
 import json
 import sys
+import threading
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -131,25 +133,35 @@ def test_ordered_output_is_the_same_records_in_input_order(job):
 
 
 def test_a_rerun_continues_a_killed_job_without_recompiling(job, capsys):
-    """The first 5 records and half of the 6th line were written when the job died: the rerun drops the
-    cut-off line, keeps the 5, generates the rest once, and compiles nothing new."""
+    """The first 4 records, an error line and half of the 6th line were written when the job died: the rerun
+    drops the cut-off line, keeps the 4, generates the rest (the error line's record again) once, and
+    compiles nothing new. A rerun of the finished job retries its error lines and, --ordered, leaves the file
+    as it was, even after an unordered rerun put those lines last."""
     _, run, base, _ = job
     model = api.load(run)  # as the CLI loaded it (the compiled programs are keyed by how parameters are placed)
     full = (base / "ordered.jsonl").read_text().splitlines(keepends=True)
     killed = base / "killed.jsonl"
     killed.write_text("".join(full[:5]) + full[5][:17])
+    bulk.settings_path(killed).write_text(bulk.settings_path(base / "ordered.jsonl").read_text())
     caches = [f._cache_size() for f in (samplers.prefill, samplers.advance, samplers.insert_rows)]
-    summary = bulk.generate_file(model, str(base / "in.jsonl"), str(killed), api.method_config(model, "ar"),
-                                 batch_size=BATCH, max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
-                                 ordered=True, progress=False)
+
+    def rerun(ordered: bool) -> dict:
+        return bulk.generate_file(model, str(base / "in.jsonl"), str(killed), api.method_config(model, "ar"),
+                                  batch_size=BATCH, max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
+                                  ordered=ordered, progress=False)
+
+    summary = rerun(ordered=True)
     assert "dropped a cut-off last line" in capsys.readouterr().err
     assert killed.read_text() == "".join(full)
-    assert (summary["skipped"], summary["generated"] + summary["errors"]) == (5, len(full) - 5)
+    assert (summary["skipped"], summary["retried"], summary["generated"] + summary["errors"]) == \
+        (4, 1, len(full) - 4)
     assert [f._cache_size() for f in (samplers.prefill, samplers.advance, samplers.insert_rows)] == caches
-    again = bulk.generate_file(model, str(base / "in.jsonl"), str(killed), api.method_config(model, "ar"),
-                               batch_size=BATCH, max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
-                               progress=False)
-    assert again["skipped"] == len(full) and killed.read_text() == "".join(full)
+    errors = sum('"error": ' in line for line in full)
+    again = rerun(ordered=False)  # the error lines' records come last
+    assert (again["skipped"], again["retried"], again["errors"]) == (len(full) - errors, errors, errors)
+    assert killed.read_text() != "".join(full) and sorted(killed.read_text().splitlines(True)) == sorted(full)
+    again = rerun(ordered=True)
+    assert again["skipped"] == len(full) - errors and killed.read_text() == "".join(full)
 
 
 def test_a_rerun_with_other_settings_is_refused_not_mixed_in(job, capsys):
@@ -183,6 +195,144 @@ def test_refuses_an_output_it_did_not_write_and_options_without_input(job, capsy
     assert "--batch-size: only with --input" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--method", "d"]) == 2
     assert "needs a model trained with the diffusion objective" in capsys.readouterr().err
+
+
+def test_a_foreign_output_is_refused_and_left_byte_for_byte_as_it_was(job, capsys):
+    """--output once dropped a file's last line if it lacked a newline before reading it (a one-line file was
+    emptied, then filled with records), and took any JSON lines with an id (a prompts file, another tool's
+    results) for finished records. Every line is now checked first; a settings file next to it changes
+    nothing. The error is one line and the file, and its folder, stay as they were."""
+    _, run, base, _ = job
+    settings = bulk.settings_path(base / "out.jsonl").read_bytes()
+    result = (base / "out.jsonl").read_bytes().splitlines(keepends=True)[0]
+    cases = [("notes2.txt", b"my notes\nlast line without newline", False, 1),
+             ("notes3.txt", b"single line, e.g. a config", False, 1),
+             ("prompts.jsonl", (base / "in.jsonl").read_bytes(), True, 1),
+             ("other_tool.jsonl", b'{"id": "q", "text": "x"}\n', True, 1),
+             ("not_cut_off.jsonl", result + b"my last line", True, 2)]  # no killed run wrote that last line
+    for name, content, with_settings, number in cases:
+        path = base / "foreign" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        if with_settings:
+            bulk.settings_path(path).write_bytes(settings)
+        before = sorted(p.name for p in path.parent.iterdir())
+        assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(path),
+                     *FLAGS]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name}:{number}: not a record written by `blt generate --input`" in err
+        assert path.read_bytes() == content, name
+        assert sorted(p.name for p in path.parent.iterdir()) == before, name  # no settings file made, no temp
+        if with_settings:
+            assert bulk.settings_path(path).read_bytes() == settings
+
+
+def test_an_output_without_its_settings_file_is_refused_not_mixed(job, capsys):
+    """With the settings file removed, a rerun with another temperature once added sampled records to greedy
+    ones and wrote a settings file claiming the new temperature for all of them."""
+    _, run, base, _ = job
+    out = base / "no_settings.jsonl"
+    out.write_text("".join((base / "out.jsonl").read_text().splitlines(keepends=True)[:3]))
+    before = out.read_bytes()
+    assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(out),
+                 *FLAGS, "--temperature", "0.7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has records but no settings file (no_settings.jsonl.settings.json)" in err
+    assert out.read_bytes() == before and not bulk.settings_path(out).exists()
+
+
+def test_error_lines_are_generated_again_on_a_rerun_and_replaced(job, tmp_path, capsys, monkeypatch):
+    """The README's advice for a prompt over --max-positions is to rerun with a larger one; the rerun took the
+    error line for a finished record and never generated it. Error lines are removed (the file replaced at
+    once: a failure leaves the old one) and their records generated; the output keeps one line per record."""
+    _, run, _, records = job
+    long = {"id": "long", "prompt": "y" * 60, "max_new_bytes": 8}  # 70 positions
+    (tmp_path / "in.jsonl").write_text(json.dumps(long) + "\n" + json.dumps(records[1]) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--checkpoint", run, "--input", str(tmp_path / "in.jsonl"), "--output", str(out), *FLAGS]
+    assert main(args) == 0
+    first = read_lines(out)
+    assert [o["id"] for o in first] == ["long", "r1"] and first[0]["error"].startswith("the prompt (60 bytes)")
+    before, names = out.read_bytes(), sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+
+    def no_room(src, dst):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(bulk.os, "replace", no_room)
+        assert main(args + ["--max-positions", "128"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == names
+    assert main(args + ["--max-positions", "128", "--ordered"]) == 0
+    assert "1 generated" in (err := capsys.readouterr().err) and "1 retried (error lines of an earlier run)" in err
+    lines = out.read_text().splitlines(keepends=True)
+    assert [json.loads(line)["id"] for line in lines] == ["long", "r1"]  # --ordered: input order
+    assert "error" not in json.loads(lines[0]) and json.loads(lines[0])["cost"]["new_bytes"] == 8
+    assert lines[1].encode() == before.splitlines(keepends=True)[1]  # the generated record is kept as it was
+    after = out.read_bytes()
+    assert main(args + ["--max-positions", "128"]) == 0
+    assert "2 already in the output" in (err := capsys.readouterr().err) and "retried" not in err
+    assert out.read_bytes() == after
+
+
+def test_two_processes_resume_a_killed_job_retrying_error_lines(job, tmp_path, monkeypatch, capsys):
+    """The files of a two-process job under jax.distributed (two threads here, each one process, sharing the
+    barriers): the killed job left an output with an error line and process 1's part with records, error
+    lines and a cut-off line. The rerun keeps every generated record, generates the error lines' records
+    again, merges the parts and leaves the file one process writes, with no part left."""
+    _, run, base, _ = job
+    model = api.load(run)
+    full = (base / "ordered.jsonl").read_text().splitlines(keepends=True)  # line i: record i of the input
+    failed = '{"id": "%s", "error": "an earlier failure"}\n'
+    out = tmp_path / "out.jsonl"
+    out.write_text(full[0] + full[1] + failed % "r2")
+    bulk.settings_path(out).write_text(bulk.settings_path(base / "ordered.jsonl").read_text())
+    assert '"line": 7' in full[5] and '"id": "r4"' in full[13]
+    bulk.part_path(out, 1, 2).write_text(f"3\t{full[3]}5\t{full[5]}13\t{failed % 'r4'}15\t{full[15][:9]}")
+
+    class Process(threading.local):
+        index = 0
+
+    process = Process()
+
+    class TwoProcesses:  # jax, as each of the two processes sees it
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        def process_count(self):
+            return 2
+
+        def process_index(self):
+            return process.index
+
+    barrier = threading.Barrier(2, timeout=600)
+    monkeypatch.setattr(bulk, "jax", TwoProcesses())
+    monkeypatch.setattr(bulk, "_barrier", lambda name: barrier.wait())
+    summaries, failures = {}, []
+
+    def run_process(index: int) -> None:
+        process.index = index
+        try:
+            summaries[index] = bulk.generate_file(model, str(base / "in.jsonl"), str(out),
+                                                  api.method_config(model, "ar"), batch_size=BATCH,
+                                                  max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
+                                                  progress=False)
+        except BaseException as e:
+            failures.append(e)
+            barrier.abort()  # the other process stops at its next barrier instead of waiting there
+
+    threads = [threading.Thread(target=run_process, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert out.read_text() == "".join(full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.settings.json"]
+    # process 0 takes the even indices (0 skipped, 2 retried), process 1 the odd (1 and 3; 5 and 13)
+    assert [(summaries[i]["skipped"], summaries[i]["retried"]) for i in (0, 1)] == [(1, 1), (2, 2)]
+    assert "part-00001-of-00002: dropped a cut-off last line" in capsys.readouterr().err
 
 
 def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_the_same(job, monkeypatch):
@@ -239,7 +389,8 @@ def test_the_map_count_is_read_at_most_every_check_interval(monkeypatch):
 @pytest.mark.slow
 def test_two_processes_write_one_output_identical_to_one_process(job, tmp_path):
     """launch/local.py runs `blt generate --input` in 2 processes joined by jax.distributed: each generates
-    every other record into its part, process 0 merges them in input order and removes the parts."""
+    every other record into its part, process 0 merges them in input order and removes the parts. A rerun
+    generates the error lines' records again and leaves the same file."""
     _, run, base, _ = job
     out = tmp_path / "out.jsonl"
     sys.path.insert(0, str(LAUNCH))
@@ -248,13 +399,14 @@ def test_two_processes_write_one_output_identical_to_one_process(job, tmp_path):
     finally:
         sys.path.remove(str(LAUNCH))
     log = tmp_path / "log.txt"
-    with open(log, "w") as f:
-        code = local.launch([sys.executable, "-m", "blt_jax", "generate", "--checkpoint", run, "--input",
-                             str(base / "in.jsonl"), "--output", str(out), *FLAGS], 2, 1, timeout=600, out=f)
-    assert code == 0, log.read_text()[-3000:]
-    assert out.read_text() == (base / "ordered.jsonl").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "out.jsonl"]
-    assert "[process 1 of 2]" in log.read_text()
+    for mode in ("w", "a"):  # then a rerun: every error line's record again, the same file
+        with open(log, mode) as f:
+            code = local.launch([sys.executable, "-m", "blt_jax", "generate", "--checkpoint", run, "--input",
+                                 str(base / "in.jsonl"), "--output", str(out), *FLAGS], 2, 1, timeout=600, out=f)
+        assert code == 0, log.read_text()[-3000:]
+        assert out.read_text() == (base / "ordered.jsonl").read_text()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "out.jsonl", "out.jsonl.settings.json"]
+    assert "[process 1 of 2]" in log.read_text() and "retried (error lines of an earlier run)" in log.read_text()
 
 
 @pytest.mark.slow

@@ -9,10 +9,12 @@ of row 0 of `api.generate(model, [prompt], seed=s)`, so its bytes equal that cal
 
 `generate_file` streams records (`{"id", "prompt"}` plus optional `max_new_bytes`, `temperature`, `top_k`,
 `top_p`, `seed`) from a JSON Lines file or stdin through one batcher and writes one line per record as it
-finishes (or in input order): memory does not depend on the number of records, apart from the set of their ids
-(kept to skip finished records on a rerun and to catch duplicates). Under `jax.distributed` each process takes
-the records whose index is its process index modulo the process count, writes them to its own part file, and
-process 0 merges the parts into the output in input order.
+finishes (or in input order): memory does not depend on the number of records, apart from their ids and
+indices (kept to skip finished records on a rerun, to catch duplicates, and to put a resumed output back in
+input order). A rerun continues an output only if it is this command's own (its lines and settings file,
+checked before anything changes), skips its generated records and generates its error lines' records again.
+Under `jax.distributed` each process takes the records whose index is its process index modulo the process
+count, writes them to its own part file, and process 0 merges the parts into the output in input order.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import hashlib
 import heapq
 import json
 import os
+import stat
 import sys
+import tempfile
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -386,9 +391,13 @@ def _id_key(id_: Any) -> tuple:
     return ("id", json.dumps(id_))
 
 
+def _usable_id(id_: Any) -> bool:
+    return isinstance(id_, str) or _is_int(id_)
+
+
 def _done_key(rec: dict) -> tuple:
-    """What marks an output line's record as finished: its id, or for a record that had no usable id (or a
-    repeated one) its input line."""
+    """What names an output line's record: its id, or for a record that had no usable id (or a repeated one)
+    its input line."""
     if "error" in rec and "line" in rec:
         return ("line", rec["line"])
     return _id_key(rec["id"])
@@ -399,33 +408,183 @@ def _split_part_line(line: str) -> tuple[int, str]:
     return int(index), rest
 
 
-def _read_records(path: Path, indexed: bool) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every complete line of an output (or part) file; a last line without its
-    newline (cut off by a killed run) is not a record and is left out."""
+_RESULT_FIELDS = {"id", "text", "finish_reason", "cost"}  # plus bytes_b64 (result_line)
+_RECORD_START = b'{"id": '  # how every line the writer emits begins (json.dumps of a dict whose first key is id)
+
+
+def _line_kind(rec: Any) -> Optional[str]:
+    """"result" for a generated record's line (`result_line`), "error" for an error line, exactly as
+    `generate_file` writes them; None for anything else (another tool's JSON, a prompts file)."""
+    if not isinstance(rec, dict) or "id" not in rec:
+        return None
+    if "error" in rec:
+        if not isinstance(rec["error"], str):
+            return None
+        if set(rec) == {"id", "error"}:
+            return "error" if _usable_id(rec["id"]) else None
+        ok = set(rec) == {"id", "line", "error"} and _is_int(rec["line"]) and rec["line"] >= 1
+        return "error" if ok else None
+    if set(rec) - {"bytes_b64"} != _RESULT_FIELDS or not _usable_id(rec["id"]):
+        return None
+    if not (isinstance(rec["text"], str) and rec["finish_reason"] in ("stop", "length")
+            and isinstance(rec["cost"], dict) and isinstance(rec.get("bytes_b64", ""), str)):
+        return None
+    return "result"
+
+
+def _parse_line(raw: bytes, indexed: bool) -> tuple[Optional[str], Any]:
+    """(kind, record) of a complete output (or part) line; kind None when the writer did not write it."""
+    try:
+        text = raw.decode("utf-8")
+        if indexed:
+            index, tab, text = text.partition("\t")
+            if not (tab and index.isascii() and index.isdigit()):
+                return None, None
+        rec = json.loads(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+        return None, None
+    return _line_kind(rec), rec
+
+
+def _could_start_a_record(raw: bytes, indexed: bool) -> bool:
+    """Whether a cut-off last line is the start of a line the writer emits (a killed run's half record), not
+    the end of someone's file that merely lacks its newline."""
+    if indexed:
+        digits = len(raw) - len(raw.lstrip(b"0123456789"))
+        if digits == 0 or digits == len(raw):
+            return digits > 0
+        if raw[digits:digits + 1] != b"\t":
+            return False
+        raw = raw[digits + 1:]
+    return raw.startswith(_RECORD_START) or _RECORD_START.startswith(raw)
+
+
+@dataclass
+class _Scan:
+    """What an existing output (or part) file holds; see `_scan`."""
+
+    path: Path
+    indexed: bool  # a part file: "index<TAB>line" lines
+    size: int = 0
+    done: set = dataclasses.field(default_factory=set)  # keys of generated records: a rerun skips them
+    failed: set = dataclasses.field(default_factory=set)  # keys of records with an error line: generated again
+    error_lines: int = 0
+    cut_off: bool = False  # the last line lacks its newline: half a record a killed run was writing
+
+
+def _foreign(path: Path, number: int) -> ValueError:
+    return ValueError(f"{path}:{number}: not a record written by `blt generate --input`; refusing to add to this "
+                      "file (choose another --output)")
+
+
+def _scan(path: Path, indexed: bool) -> _Scan:
+    """Read an output (or part) file without changing it; ValueError naming the first line `generate_file`
+    would not have written (a foreign file must be refused before anything in it is repaired or added to)."""
+    scan = _Scan(path, indexed)
+    if not path.exists():
+        return scan
+    if path.is_dir():
+        raise IsADirectoryError(f"--output {path}: is a folder; give a file")
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
+            scan.size += len(raw)
             if not raw.endswith(b"\n"):
-                return
-            text = raw.decode("utf-8")
-            if indexed:
-                try:
-                    text = _split_part_line(text)[1]
-                except ValueError:
-                    raise ValueError(f"{path}:{number}: not a part file line of `blt generate --input`") from None
-            yield number, text
+                if not _could_start_a_record(raw, indexed):
+                    raise _foreign(path, number)
+                scan.cut_off = True
+                break
+            kind, rec = _parse_line(raw, indexed)
+            if kind is None:
+                raise _foreign(path, number)
+            if kind == "result":
+                scan.done.add(_done_key(rec))
+            else:
+                scan.error_lines += 1
+                scan.failed.add(_done_key(rec))
+    scan.failed -= scan.done
+    return scan
 
 
-def done_keys(path: Path, indexed: bool = False) -> set:
-    """The records an existing output (or part) file holds: what a rerun skips."""
-    keys = set()
-    for number, text in _read_records(path, indexed):
-        try:
-            rec = json.loads(text)
-            keys.add(_done_key(rec))
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path}:{number}: not a record written by `blt generate --input`; refusing to add to "
-                             "this file (choose another --output)") from None
-    return keys
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the OS lets a folder be opened and synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rewrite(path: Path, lines: Iterable[bytes]) -> None:
+    """Replace `path` by `lines` atomically: a crash leaves the old file or the new one, never a mix. The temp
+    file's name starts with a dot, so `_parts`' pattern never takes it for a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for line in lines:
+                f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+
+
+def _results_only(path: Path, indexed: bool) -> Iterator[bytes]:
+    """The complete lines of a scanned file that are generated records (error lines and a cut-off line left
+    out)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n") and _parse_line(raw, indexed)[0] == "result":
+                yield raw
+
+
+def _repair(scan: _Scan) -> None:
+    """Make a scanned file ready to be appended to: drop its error lines (their records are generated again,
+    and the output keeps one line per record) and a cut-off last line."""
+    if scan.cut_off:
+        print(f"blt generate: {scan.path}: dropped a cut-off last line (a record a killed run was writing; it is "
+              "generated again)", file=sys.stderr)
+    if scan.error_lines:
+        _rewrite(scan.path, _results_only(scan.path, scan.indexed))
+    elif scan.cut_off:
+        drop_cut_off_line(scan.path)
+
+
+def _in_input_order(path: Path, index_of: dict) -> bool:
+    """Rewrite an output in input order if it is not (it is when one run wrote it with --ordered; a resumed
+    run appends its records, retried ones included, after the earlier ones). Returns whether it rewrote it.
+    Memory: three integers a line; the lines are copied one at a time."""
+    where, offsets, sizes = array("q"), array("q"), array("q")
+    last, ordered, offset = -1, True, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            # a record the input no longer holds stays right after the line before it
+            index = index_of.get(_done_key(json.loads(raw)), last)
+            ordered &= index >= last
+            where.append(index)
+            offsets.append(offset)
+            sizes.append(len(raw))
+            last, offset = index, offset + len(raw)
+    if ordered:
+        return False
+    order = np.lexsort((np.frombuffer(offsets, np.int64), np.frombuffer(where, np.int64)))
+
+    def lines():
+        with open(path, "rb") as f:
+            for i in order:
+                f.seek(offsets[i])
+                yield f.read(sizes[i])
+
+    _rewrite(path, lines())
+    return True
 
 
 def drop_cut_off_line(path: Path) -> bool:
@@ -551,6 +710,7 @@ class _Tally:
     generated: int = 0
     errors: int = 0
     skipped: int = 0  # already in the output
+    retried: int = 0  # had an error line in the output: generated again (counted in generated or errors too)
     new_bytes: int = 0
 
 
@@ -582,14 +742,20 @@ def settings_path(output: Path) -> Path:
 
 
 def check_settings(output: Path, settings: dict, has_records: bool, write: bool = True) -> None:
-    """Refuse to add to an output written with other settings; record this run's next to a new one (`write`:
-    the one process of a job that writes it; every process checks, so all of them stop together)."""
+    """Refuse to add to an output written with other settings, or to one with records and no settings file
+    (whose records' settings are unknown); record this run's next to a new one (`write`: the one process of a
+    job that writes it; every process checks, so all of them stop together)."""
     path = settings_path(output)
-    if has_records and path.exists():
+    if has_records and not path.exists():
+        raise ValueError(f"--output {output}: has records but no settings file ({path.name}); it was not written by "
+                         "`blt generate --input`, or its settings file was removed; choose another --output")
+    if has_records:
         try:
             before = json.loads(path.read_text())
         except ValueError:
-            raise ValueError(f"{path}: unreadable (not JSON); delete it to continue {output} as it is") from None
+            before = None
+        if not isinstance(before, dict):
+            raise ValueError(f"{path}: unreadable (not a JSON object); delete it to continue {output} as it is")
         changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
                    if before.get(k) != settings.get(k)]
         if changed:
@@ -603,15 +769,34 @@ def check_settings(output: Path, settings: dict, has_records: bool, write: bool 
     os.replace(tmp, path)
 
 
+def _prepare_output(output: Path, settings: dict, processes: int, me: int) -> list[_Scan]:
+    """Check an existing output (and, under jax.distributed, the parts of a killed job) before anything changes:
+    only this command's lines, its settings file, the same settings; then (process 0) drop their error and
+    cut-off lines. Returns the scans (the output's first)."""
+    scans = [_scan(output, indexed=False)] + [_scan(p, indexed=True) for p in (_parts(output) if processes > 1
+                                                                              else [])]
+    check_settings(output, settings, any(s.size for s in scans), write=me == 0)
+    if processes > 1:
+        _barrier("bulk_generation_scanned")  # every process has read the files before process 0 changes them
+    if me == 0:
+        for s in scans:
+            _repair(s)
+    if processes > 1:
+        _barrier("bulk_generation_repaired")
+    return scans
+
+
 def generate_file(model: LoadedModel, input: str, output: str, method: MethodConfig,
                   batch_size: int = DEFAULT_BATCH_SIZE, max_positions: int = DEFAULT_MAX_POSITIONS,
                   defaults: Defaults = Defaults(), stop_at_eos: bool = True, ordered: bool = False,
                   progress: bool = True) -> dict:
     """Generate for every record of the JSON Lines file `input` ("-": stdin) into `output` ("-": stdout).
 
-    Records already in `output` (an earlier run of the same job) are skipped, so rerunning a killed job
-    continues it. A record that cannot run gets `{"id", "error"}` (plus `"line"` when its id is missing or
-    repeated) and the run goes on. Returns a summary (counts, bytes, seconds)."""
+    Records already generated in `output` (an earlier run of the same job) are skipped, so rerunning a killed
+    job continues it; records with an error line there are generated again (their old lines removed first). An
+    existing `output` is checked before anything in it changes: it must hold only lines this function writes,
+    next to its settings file. A record that cannot run gets `{"id", "error"}` (plus `"line"` when its id is
+    missing or repeated) and the run goes on. Returns a summary (counts, bytes, seconds)."""
     processes, me = jax.process_count(), jax.process_index()
     if processes > 1 and "-" in (input, output):
         raise ValueError("--input/--output: under jax.distributed every process reads the input and writes a part "
@@ -622,22 +807,17 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
         raise FileNotFoundError(f"--output {output}: the folder {Path(output).parent} does not exist")
     source = _open_input(input)
     out_path = Path(output)
-    if processes > 1:
-        if me == 0:
-            for p in [out_path, *_parts(out_path)]:
-                drop_cut_off_line(p)
-        _barrier("bulk_generation_repaired")
-    elif output != "-" and drop_cut_off_line(out_path):
-        print(f"blt generate: {output}: dropped a cut-off last line (a record a killed run was writing; it is "
-              "generated again)", file=sys.stderr)
-    in_output = done_keys(out_path) if output != "-" and out_path.exists() else set()
-    done = set(in_output)
-    for p in _parts(out_path) if processes > 1 else []:
-        done |= done_keys(p, indexed=True)
-    if output != "-":
-        check_settings(out_path, output_settings(model, method, defaults, stop_at_eos), bool(done), write=me == 0)
-    if processes > 1:
-        _barrier("bulk_generation_scanned")
+    try:
+        scans = [] if output == "-" else _prepare_output(
+            out_path, output_settings(model, method, defaults, stop_at_eos), processes, me)
+    except BaseException:
+        if source is not sys.stdin.buffer:
+            source.close()
+        raise
+    in_output = scans[0].done if scans else set()
+    done = set().union(*[s.done for s in scans])
+    retry = set().union(*[s.failed for s in scans]) - done
+    resumed = any(s.size for s in scans)
 
     batcher = ContinuousBatcher(model, method, batch_size, max_positions, stop_at_eos=stop_at_eos,
                                 allow_specials=defaults.sampling.allow_specials, sampled=not defaults.sampling.greedy)
@@ -654,7 +834,7 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
         sink = open(part_path(out_path, me, processes) if processes > 1 else out_path, "a", encoding="utf-8")
         close = True
     writer = _Writer(sink, ordered=ordered or processes > 1, indexed=processes > 1)
-    seen: set = set()
+    index_of: dict = {}  # every record's key -> its index: duplicate ids, and input order after a resume
     lines = _records(source)
     t0, cpu0 = time.time(), time.process_time()
 
@@ -673,19 +853,20 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
             else:
                 error = None if isinstance(rec, dict) else "not a JSON object"
             id_ = rec.get("id") if isinstance(rec, dict) else None
-            if error is None and not (isinstance(id_, str) or _is_int(id_)):
+            if error is None and not _usable_id(id_):
                 error = "id: missing" if id_ is None else f"id: must be a string or an integer, got {id_!r:.40}"
-            if error is None and _id_key(id_) in seen:
+            if error is None and _id_key(id_) in index_of:
                 error = f"id: {id_!r:.40} was used by an earlier record"
             if error is not None:  # no usable id: the record is known by its input line
                 key, line = ("line", number), {"id": id_, "line": number, "error": error}
             else:
-                seen.add(_id_key(id_))
                 key, line = _id_key(id_), None
+            index_of[key] = index
             if not mine:
                 writer.put(index, None)
                 continue
             tally.records += 1
+            tally.retried += key in retry
             if key in done:
                 resolve(index, None, "skipped")
                 continue
@@ -724,6 +905,10 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
         _barrier("bulk_generation_written")
         if me == 0:
             merged = _merge_parts(out_path, in_output)
+    # records appended after an earlier run's (resumed, retried) go back into input order, as one run writes them
+    if output != "-" and resumed and me == 0 and (ordered or processes > 1):
+        _in_input_order(out_path, index_of)
+    if processes > 1:
         _barrier("bulk_generation_merged")
     return {**dataclasses.asdict(tally), "seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
             "bytes_per_second": tally.new_bytes / seconds if seconds > 0 else None, "process": me,
@@ -776,8 +961,9 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
     finally:
         signal.signal(signal.SIGTERM, previous)
     rate = summary["bytes_per_second"]
+    retried = f", {summary['retried']} retried (error lines of an earlier run)" if summary["retried"] else ""
+    where = f" [process {summary['process']} of {summary['processes']}]" if summary["processes"] > 1 else ""
     print(f"blt generate: {summary['generated']} generated ({summary['new_bytes']:,} bytes"
           f"{f', {rate:,.0f} B/s' if rate else ''}), {summary['errors']} with an error line, {summary['skipped']} "
-          f"already in the output" + (f" [process {summary['process']} of {summary['processes']}]"
-                                      if summary["processes"] > 1 else ""), file=sys.stderr)
+          f"already in the output{retried}{where}", file=sys.stderr)
     return exit_codes.OK
