@@ -354,6 +354,19 @@ def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_t
     assert out.read_text() == (base / "ordered.jsonl").read_text()
 
 
+def test_a_batch_larger_than_the_input_is_cut_to_it(job, tmp_path):
+    """A probe: `--batch-size 100000000` on two records ran out of memory (a traceback): rows no record can fill
+    are not allocated."""
+    model, run, _, records = job
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    summary = bulk.generate_file(api.load(run), str(tmp_path / "two.jsonl"), str(tmp_path / "out.jsonl"),
+                                 api.method_config(model, "ar"), batch_size=10**8, max_positions=POSITIONS,
+                                 defaults=bulk.Defaults(16, SamplingConfig(), SEED), progress=False)
+    assert summary["generated"] == 2
+    for line, rec in zip(read_lines(tmp_path / "out.jsonl"), records[:2], strict=True):
+        assert_matches(line, expected(model, rec), rec["id"])
+
+
 def test_a_misspelt_setting_is_an_error_not_a_default():
     """A record's `temprature` or `max_tokens` once ran silently with the default; other extra fields are the
     user's metadata and pass."""

@@ -819,11 +819,13 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
     retry = set().union(*[s.failed for s in scans]) - done
     resumed = any(s.size for s in scans)
 
+    total = _count_records(input)
+    if total is not None:  # rows no record can fill only cost memory (--batch-size 100000000 ran out of it)
+        batch_size = max(1, min(batch_size, total))  # the same on every process
     batcher = ContinuousBatcher(model, method, batch_size, max_positions, stop_at_eos=stop_at_eos,
                                 allow_specials=defaults.sampling.allow_specials, sampled=not defaults.sampling.greedy)
     params = ParamsForCost.of(model.cfg)
     tally = _Tally()
-    total = _count_records(input)
     from tqdm import tqdm  # noqa: PLC0415
 
     bar = tqdm(total=None if total is None else len(range(me, total, processes)), unit="rec", desc="generate",
