@@ -19,6 +19,7 @@ import zstandard
 
 from blt_jax import prepare
 from blt_jax.cli import main
+from blt_jax.config import ConfigError
 from blt_jax.data import corpus, sources, store
 from blt_jax.tokenizer import BOS_ID, decode_bytes
 
@@ -297,11 +298,14 @@ def test_max_train_bytes_below_one_is_refused_naming_it(tmp_path, capsys, value)
     for i in range(4):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n" * 10)
     root = tmp_path / "store"
-    assert main(["prepare", "--data", str(tmp_path / "doc*.txt"), "--store", str(root), "--max-train-bytes", value,
-                 "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert f"--max-train-bytes: must be >= 1 (leave it out to keep every training file), got {value}" in err
-    assert "--heldout-fraction" not in err and not root.exists()
+    with pytest.raises(SystemExit) as e:  # the command line refuses it while parsing
+        main(["prepare", "--data", str(tmp_path / "doc*.txt"), "--store", str(root), "--max-train-bytes", value,
+              "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and error.startswith("blt prepare: error: argument --max-train-bytes: must be >= 1")
+    with pytest.raises(ConfigError, match=f"--max-train-bytes: must be >= 1 .*, got {value}$"):  # and the API
+        prepare.plan_corpus([str(tmp_path / "doc*.txt")], max_train_bytes=int(value), store_root=str(root))
+    assert not root.exists()
 
 
 # ---- the same store from 1 and 2 processes ------------------------------------------------------------------
