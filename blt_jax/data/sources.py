@@ -29,6 +29,8 @@ from typing import IO
 import numpy as np
 import zstandard
 
+from blt_jax.data import first_few
+
 CHUNK_BYTES = 4 << 20  # text per chunk of records / per piece of a text file
 PARQUET_BATCH_ROWS = 4096
 _BINARY_PROBE = 8192
@@ -137,10 +139,9 @@ def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike |
                          f"are skipped; readable: {READABLE})")
     if binary:  # said, not silent: a UTF-16 text file would otherwise just be missing from the corpus
         names = sorted(str(f) for f in binary)
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         warnings.warn(SkippedBinaryFiles(f"skipped {len(names)} binary file{'s' if len(names) > 1 else ''} (a NUL byte "
-                                         f"in the first 8 KB; convert UTF-16/UTF-32 text to UTF-8): {shown}"),
-                      stacklevel=2)
+                                         f"in the first 8 KB; convert UTF-16/UTF-32 text to UTF-8): "
+                                         f"{first_few(names)}"), stacklevel=2)
     return found
 
 

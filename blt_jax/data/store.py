@@ -30,6 +30,7 @@ import tensorstore as ts
 from tqdm.auto import tqdm
 
 from blt_jax.config import ConfigError
+from blt_jax.data import first_few
 from blt_jax.tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET
 
 FORMAT_VERSION = 2  # 2: entropies carry a completion mark and their model's digest
@@ -100,16 +101,17 @@ def _is_a_file(root: str | os.PathLike) -> bool:
     return spec.get("driver") == "file" and os.path.isfile(spec["path"].rstrip("/"))
 
 
-def _not_a_manifest_because(raw: bytes) -> str | None:
-    """Why `raw` is not a data store's manifest (a JSON object with `format_version`, as every format wrote
-    one), or None when it is one: a `manifest.json` of the user's own is neither read nor deleted as ours."""
+def _manifest_or_why_not(raw: bytes) -> tuple[dict | None, str]:
+    """(the manifest, "") when `raw` is a data store's manifest (a JSON object with `format_version`, as every
+    format wrote one), else (None, why not): a `manifest.json` of the user's own is neither read nor deleted as
+    ours."""
     try:
         manifest = json.loads(raw)
     except ValueError as e:  # invalid JSON or invalid UTF-8
-        return f"invalid JSON: {e}"
+        return None, f"invalid JSON: {e}"
     if not isinstance(manifest, dict) or "format_version" not in manifest:
-        return "no format_version: not written by blt prepare"
-    return None
+        return None, "no format_version: not written by blt prepare"
+    return manifest, ""
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -118,19 +120,19 @@ def read_manifest(root: str | os.PathLike) -> dict:
         if _is_a_file(root):
             raise FileNotFoundError(f"no data store at {root}: it is a file, not a folder")
         raise FileNotFoundError(f"no data store at {root}: {MANIFEST} is missing (prepare the data first)")
-    why = _not_a_manifest_because(result.value)
-    if why is not None:
+    manifest, why = _manifest_or_why_not(result.value)
+    if manifest is None:
         raise ValueError(f"{root}: {MANIFEST} is not a blt data store manifest ({why})")
-    return json.loads(result.value)
+    return manifest
 
 
 def manifest_or_none(root: str | os.PathLike) -> dict | None:
     """The store's manifest; None where there is none, or where `manifest.json` is not a store's (a file of the
     user's own: `refuse_foreign_files` names it, and nothing may replace it)."""
-    result = _kvstore(root).read(MANIFEST).result()
-    if result.state != "value" or _not_a_manifest_because(result.value) is not None:
+    try:
+        return read_manifest(root)
+    except (FileNotFoundError, ValueError):
         return None
-    return json.loads(result.value)
 
 
 def _write_manifest(root: str | os.PathLike, manifest: dict) -> None:
@@ -158,13 +160,12 @@ def refuse_foreign_files(root: str | os.PathLike) -> None:
     foreign = [k for k in keys
                if not (k == MANIFEST or k.startswith(STAGING + "/") or any(k.startswith(a) for a in arrays))]
     if MANIFEST in keys:
-        why = _not_a_manifest_because(kv.read(MANIFEST).result().value)
-        if why is not None:
+        manifest, why = _manifest_or_why_not(kv.read(MANIFEST).result().value)
+        if manifest is None:
             foreign.insert(0, f"{MANIFEST} ({why})")
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ConfigError(f"--store {root}: holds files that are not a data store's ({shown}); nothing was "
-                          "changed: give a new or empty folder")
+        raise ConfigError(f"--store {root}: holds files that are not a data store's ({first_few(foreign)}); nothing "
+                          "was changed: give a new or empty folder")
 
 
 def clear(root: str | os.PathLike) -> None:
@@ -225,14 +226,13 @@ def _refuse_missing_shards(root: str | os.PathLike, parts: Sequence[str], array:
         return
     path = "/".join(parts)
     total = -(-array.shape[0] // shard_size(array))
-    shown = ", ".join(f"{path}/c/{s}" for s in missing[:3]) + (f" and {len(missing) - 3} more"
-                                                               if len(missing) > 3 else "")
     if parts[-1] == "entropies":  # the same model recomputes exactly the missing shards
         run = (manifest_or_none(root) or {}).get("entropy_run") or "ENTROPY_RUN"
         fix = f"recompute them with `blt prepare --store {root} --entropy-run {run}`"
     else:
         fix = f"prepare it again with `blt prepare --data ... --store {root} --overwrite`"
-    raise ValueError(f"data store {root} is damaged: {path} is missing shard files {shown} ({len(missing)} of "
+    raise ValueError(f"data store {root} is damaged: {path} is missing shard files "
+                     f"{first_few(f'{path}/c/{s}' for s in missing)} ({len(missing)} of "
                      f"{total}), which would read as zeros; restore them from a good copy, or {fix}")
 
 
