@@ -404,7 +404,10 @@ def _done_key(rec: dict) -> tuple:
 
 
 def _split_part_line(line: str) -> tuple[int, str]:
-    index, _, rest = line.partition("\t")
+    """A part file's line -> (input index, the output line); ValueError when it is not one."""
+    index, tab, rest = line.partition("\t")
+    if not (tab and index.isascii() and index.isdigit()):
+        raise ValueError(f"not a part file line: {line[:40]!r}")
     return int(index), rest
 
 
@@ -437,11 +440,9 @@ def _parse_line(raw: bytes, indexed: bool) -> tuple[Optional[str], Any]:
     try:
         text = raw.decode("utf-8")
         if indexed:
-            index, tab, text = text.partition("\t")
-            if not (tab and index.isascii() and index.isdigit()):
-                return None, None
+            text = _split_part_line(text)[1]
         rec = json.loads(text)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+    except ValueError:  # not a part line, UnicodeDecodeError and JSONDecodeError alike
         return None, None
     return _line_kind(rec), rec
 
