@@ -54,7 +54,10 @@ def load(run_dir: str, step: Optional[int] = None, dtype: Optional[str] = None) 
 
 
 def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_size: Optional[int] = None,
-                  unmask: UnmaskConfig = UnmaskConfig()) -> MethodConfig:
+                  unmask: UnmaskConfig = UnmaskConfig(), max_new_bytes: Optional[int] = None) -> MethodConfig:
+    """The cached method's static config, refused in one line when the model cannot run it. With a budget
+    `max_new_bytes`, BLT-S drafts at most that many bytes: a longer draft only drafts bytes nobody asked for
+    (the output is the same, BLT-S == ar)."""
     if method not in CACHED_METHODS:
         raise ValueError(f"method: unknown cached generation method {method!r}; choose one of {CACHED_METHODS}")
     check_cached(model.cfg)
@@ -62,6 +65,8 @@ def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_siz
         raise ConfigError(f"method: {method!r} (BLT-D{'V' if method == 'dv' else ''}) needs a model trained with the "
                           "diffusion objective (model.diffusion.block_size > 0); this one is plain BLT "
                           "(try 's' or 'ar')")
+    if max_new_bytes is not None:
+        draft_len = min(draft_len, max(max_new_bytes, 1))
     return MethodConfig(method=method, draft_len=draft_len,
                         block_size=block_size or model.cfg.diffusion.block_size or 8, unmask=unmask)
 
@@ -125,9 +130,8 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
     (`cost_record`). Row i samples with key data fold_in(key(seed), i)."""
     if method not in METHODS:
         raise ValueError(f"method: unknown generation method {method!r}; choose one of {METHODS}")
-    # a draft longer than the budget only drafts bytes nobody asked for (the output is the same: BLT-S == ar)
-    mc = None if method == "ar-nocache" else method_config(model, method, min(draft_len, max(max_new_bytes, 1)),
-                                                           block_size, unmask)
+    mc = None if method == "ar-nocache" else method_config(model, method, draft_len, block_size, unmask,
+                                                           max_new_bytes=max_new_bytes)
     batch, (tokens, lengths, budget, keys) = _inputs(model, prompts, max_new_bytes, mc, seed)
     programs.make_room()  # these shapes may compile
     B = batch.tokens.shape[0]
@@ -170,7 +174,7 @@ def stream(model: LoadedModel, prompt: str, max_new_bytes: int = 128, method: st
         raise ValueError("stream: method 'ar-nocache' keeps no state between calls; use a cached method")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
-    mc = method_config(model, method, min(draft_len, max(max_new_bytes, 1)), block_size, unmask)
+    mc = method_config(model, method, draft_len, block_size, unmask, max_new_bytes=max_new_bytes)
     if model.mesh is not None:
         raise ValueError("stream: streams one prompt on one device; generate batches on a mesh with `generate`")
     batch, (tokens, lengths, budget, keys) = _inputs(model, [prompt], max_new_bytes, mc, seed)
