@@ -117,6 +117,11 @@ def initialize(cfg: Optional[DistributedConfig] = None) -> bool:
     return True
 
 
+def is_initialized() -> bool:
+    """Whether this process joined a jax.distributed job through `initialize`."""
+    return _initialized
+
+
 def shutdown() -> None:
     global _initialized
     if _initialized:

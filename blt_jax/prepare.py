@@ -8,7 +8,8 @@ it trains on), with the same result for any number of processes:
 - tokens: every process tokenises a contiguous, size-balanced share of the input files (sorted by name)
   into its own staging arrays in the store; then each copies a contiguous run of whole shards of the final
   arrays from the staging arrays (no shard is written by two processes), and process 0 writes the manifest.
-  A single process writes the final arrays directly.
+  A single process writes the final arrays directly, unless it replaces a store (`--overwrite`): then it
+  stages its tokens too, so that the old store stays whole until the new corpus is read to the end.
 - entropies: the missing shards are shared among the processes; each call of the entropy model is one
   batch sharded over every device of every process (a fixed number of rows per device, so a row's values
   do not depend on how many devices there are).
@@ -249,8 +250,9 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
     """Tokenise `plan` into the store at `root` and write its manifest (last); returns the manifest.
 
     A store that already holds this plan's corpus (same files, sizes, times and options) is kept as it is;
-    one holding anything else is refused unless `overwrite`. Runs as one process or as all processes of a
-    `jax.distributed` job (every process calls it with the same arguments)."""
+    one holding anything else is refused unless `overwrite`, and then removed only once every process has
+    tokenised its share (a truncated input file leaves it as it was). Runs as one process or as all processes
+    of a `jax.distributed` job (every process calls it with the same arguments)."""
     procs = Processes.current()
     existing = store.manifest_or_none(root)
     if existing is not None and not overwrite:
@@ -261,10 +263,9 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
                           "--overwrite replaces it, with its entropies and threshold")
     store.refuse_foreign_files(root)  # here too (clear checks again): every process stops before the barrier
     procs.barrier("blt_jax: prepare: store inspected")  # every process decided before anything changes
-    if procs.index == 0:
+    staged = procs.count > 1 or existing is not None
+    if not staged:  # one process, no store to keep: only what an interrupted prepare left
         store.clear(root)
-    procs.barrier("blt_jax: prepare: store cleared")
-    staged = procs.count > 1
     shard = plan.options["shard_tokens"]
     share = file_shares([f.size for f in plan.files], procs.count)[procs.index]
 
@@ -297,6 +298,9 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
         arrays, report, reports = tokenise(threshold, " again")
     manifest = _manifest(root, plan, reports, threshold)
     if staged:
+        procs.barrier("blt_jax: prepare: corpus staged")  # the old store goes only once every share is read
+        if procs.index == 0:
+            store.clear(root, keep_staging=True)
         _assemble(root, reports, procs, shard)
     else:
         for split, a in arrays.items():

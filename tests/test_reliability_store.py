@@ -13,8 +13,11 @@ zeros in training, evaluation and calibration; `calibrate --target` took targets
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from blt_jax.patching import calibrate_threshold, mean_patch_length, start_flags
 from blt_jax.train.loop import train
 
 SHARD = 2048
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,81 @@ def test_prepare_refuses_an_existing_store_unless_overwrite(tmp_path, capsys):
     assert main(["prepare", "--data", str(b), "--store", root, "--overwrite", "--no-progress"]) == 0
     manifest = store.read_manifest(root)
     assert "patching_threshold" not in manifest and manifest["corpus"].endswith(str(b))
+
+
+def _store_and_a_corpus_that_fails(tmp_path) -> tuple[str, Path, bytes]:
+    """(a prepared store with a threshold, a folder of new inputs whose last file is a gzip file cut in half,
+    that file whole)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    for i in range(4):
+        (old / f"doc{i}.txt").write_text(f"the old corpus, file {i}\n" * 30)
+        (new / f"doc{i}.txt").write_text(f"the new corpus, file {i}\n" * 300)
+    whole = gzip.compress(np.random.default_rng(0).integers(97, 123, 50_000, dtype=np.uint8).tobytes())
+    (new / "zz.txt.gz").write_bytes(whole[:len(whole) // 2])
+    root = str(tmp_path / "store")
+    prepare.prepare_corpus(root, [str(old)], shard_tokens=SHARD)
+    store.update_manifest(root, patching_threshold=1.5)  # stands for derived data worth keeping
+    return root, new, whole
+
+
+def _contents(root: str) -> tuple[dict, dict]:
+    return store.read_manifest(root), {split: store.open_array(root, split, "tokens").read().result()
+                                       for split in store.SPLITS}
+
+
+def _assert_unchanged(root: str, before: tuple[dict, dict]) -> None:
+    manifest, tokens = _contents(root)
+    assert manifest == before[0]
+    for split in store.SPLITS:
+        np.testing.assert_array_equal(tokens[split], before[1][split], err_msg=split)
+
+
+def test_a_failed_overwrite_leaves_the_old_store_as_it_was(tmp_path, capsys):
+    """`--overwrite` cleared the store before reading the inputs: a truncated .gz among them left an empty
+    store, the old corpus and its threshold lost. Now the old store goes only once the new corpus is read."""
+    root, new, whole = _store_and_a_corpus_that_fails(tmp_path)
+    before = _contents(root)
+    assert main(["prepare", "--data", str(new), "--store", root, "--overwrite", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "zz.txt.gz: truncated or corrupt gzip file" in err and len(err.strip().splitlines()) == 1
+    _assert_unchanged(root, before)
+
+    (new / "zz.txt.gz").write_bytes(whole)  # the input mended: now it replaces the store, staging and all
+    assert main(["prepare", "--data", str(new), "--store", root, "--overwrite", "--no-progress"]) == 0
+    manifest = store.read_manifest(root)
+    assert "patching_threshold" not in manifest and manifest["corpus"].endswith(str(new))
+    assert manifest["train"]["num_docs"] + manifest["heldout"]["num_docs"] == 5
+    assert not [p for p in Path(root).rglob("*") if p.is_file() and store.STAGING in p.parts]
+
+
+def test_a_failed_overwrite_by_two_processes_leaves_the_old_store_as_it_was(tmp_path):
+    """The same with two processes: the second one's share holds the truncated file, and the first, which
+    removes the old store, never does; with the file mended they write what one process writes. The failing
+    process leaves the job at once, so the launcher stops its peer: a probe found both still running past
+    250 s, the failing one in jax's shutdown barrier, waiting for the peer that waited for it."""
+    root, new, whole = _store_and_a_corpus_that_fails(tmp_path)
+    before = _contents(root)
+
+    def two_processes(timeout: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "blt_jax", "prepare", "--data", str(new), "--store", root, "--overwrite",
+               "--shard-tokens", str(SHARD), "--no-progress"]
+        return subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "--num-processes", "2",
+                               "--devices-per-process", "1", "--timeout", str(timeout), "--", *cmd],
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout + 60, check=False)
+
+    proc = two_processes(120)
+    assert proc.returncode == 2, "the launcher's timeout stopped the job"  # not 124
+    assert "zz.txt.gz: truncated or corrupt gzip file" in proc.stdout + proc.stderr
+    _assert_unchanged(root, before)
+
+    (new / "zz.txt.gz").write_bytes(whole)
+    proc = two_processes(300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    one = str(tmp_path / "one")
+    prepare.prepare_corpus(one, [str(new)], shard_tokens=SHARD)
+    _assert_unchanged(root, _contents(one))
 
 
 def test_prepare_never_deletes_files_that_are_not_a_stores(tmp_path, capsys):

@@ -40,7 +40,7 @@ WRITE_CHUNK = 1 << 20
 READ_CHUNK = 1 << 14
 _FLUSH_SHARDS = 4
 GROWING = 1 << 40  # nominal length of an array whose length is not known yet (zarr stores only what is written)
-STAGING = "_staging"  # per-process token arrays of a multi-process prepare
+STAGING = "_staging"  # per-process token arrays of a multi-process prepare, or of one replacing a store
 # calibration fields: they describe a threshold, and go with it
 THRESHOLD_FIELDS = ("patching_threshold", "patching_target", "patching_achieved", "patching_rule",
                     "patching_max_patch_length", "patching_seq_len")
@@ -168,14 +168,14 @@ def refuse_foreign_files(root: str | os.PathLike) -> None:
                           "was changed: give a new or empty folder")
 
 
-def clear(root: str | os.PathLike) -> None:
+def clear(root: str | os.PathLike, keep_staging: bool = False) -> None:
     """Remove a store's contents: the manifest first (so an interruption leaves no half-valid store), then
-    its arrays and any staging left by an interrupted multi-process prepare. A folder holding anything else
-    is refused first (`refuse_foreign_files`), untouched."""
+    its arrays and, unless `keep_staging` (the tokens of the prepare replacing them), any staging left by an
+    interrupted prepare. A folder holding anything else is refused first (`refuse_foreign_files`), untouched."""
     refuse_foreign_files(root)
     kv = _kvstore(root)
     kv.delete_range(ts.KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()  # that key alone, not its namesakes
-    for prefix in (*SPLITS, STAGING):
+    for prefix in SPLITS if keep_staging else (*SPLITS, STAGING):
         kv.delete_range(_prefix_range(prefix + "/")).result()
 
 
