@@ -91,6 +91,59 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def generate(model, input: Path, output: Path, **options) -> dict:
+    """`blt generate --input` with FLAGS' settings, in this process (the compiled programs are shared)."""
+    return bulk.generate_file(model, str(input), str(output), api.method_config(model, "ar"), batch_size=BATCH,
+                              max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED), progress=False,
+                              **options)
+
+
+def as_processes(n: int, monkeypatch, run) -> dict:
+    """`run()` as each of n processes of a job under jax.distributed (n threads, each one process, sharing the
+    barriers). Returns {process index: what its `run()` returned}."""
+
+    class Process(threading.local):
+        index = 0
+
+    process = Process()
+
+    class Processes:  # jax, as each of the processes sees it
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        def process_count(self):
+            return n
+
+        def process_index(self):
+            return process.index
+
+    barrier = threading.Barrier(n, timeout=600)
+    monkeypatch.setattr(bulk, "jax", Processes())
+    monkeypatch.setattr(bulk, "_barrier", lambda name: barrier.wait())
+    results, failures = {}, []
+
+    def run_process(index: int) -> None:
+        process.index = index
+        try:
+            results[index] = run()
+        except BaseException as e:
+            failures.append(e)
+            barrier.abort()  # the others stop at their next barrier instead of waiting there
+
+    threads = [threading.Thread(target=run_process, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    return results
+
+
+def made_by_the_killed_job(line: str) -> str:
+    """An output line whose text the model would not generate: a record that keeps it was not generated again."""
+    return json.dumps({**json.loads(line), "text": "made by the killed job"}, ensure_ascii=False) + "\n"
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """A plain random BLT saved as a run, an input of good and bad records, and `blt generate --input` run on
@@ -290,49 +343,81 @@ def test_two_processes_resume_a_killed_job_retrying_error_lines(job, tmp_path, m
     bulk.settings_path(out).write_text(bulk.settings_path(base / "ordered.jsonl").read_text())
     assert '"line": 7' in full[5] and '"id": "r4"' in full[13]
     bulk.part_path(out, 1, 2).write_text(f"3\t{full[3]}5\t{full[5]}13\t{failed % 'r4'}15\t{full[15][:9]}")
-
-    class Process(threading.local):
-        index = 0
-
-    process = Process()
-
-    class TwoProcesses:  # jax, as each of the two processes sees it
-        def __getattr__(self, name):
-            return getattr(jax, name)
-
-        def process_count(self):
-            return 2
-
-        def process_index(self):
-            return process.index
-
-    barrier = threading.Barrier(2, timeout=600)
-    monkeypatch.setattr(bulk, "jax", TwoProcesses())
-    monkeypatch.setattr(bulk, "_barrier", lambda name: barrier.wait())
-    summaries, failures = {}, []
-
-    def run_process(index: int) -> None:
-        process.index = index
-        try:
-            summaries[index] = bulk.generate_file(model, str(base / "in.jsonl"), str(out),
-                                                  api.method_config(model, "ar"), batch_size=BATCH,
-                                                  max_positions=POSITIONS, defaults=bulk.Defaults(seed=SEED),
-                                                  progress=False)
-        except BaseException as e:
-            failures.append(e)
-            barrier.abort()  # the other process stops at its next barrier instead of waiting there
-
-    threads = [threading.Thread(target=run_process, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures
+    summaries = as_processes(2, monkeypatch, lambda: generate(model, base / "in.jsonl", out))
     assert out.read_text() == "".join(full)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.settings.json"]
     # process 0 takes the even indices (0 skipped, 2 retried), process 1 the odd (1 and 3; 5 and 13)
     assert [(summaries[i]["skipped"], summaries[i]["retried"]) for i in (0, 1)] == [(1, 1), (2, 2)]
     assert "part-00001-of-00002: dropped a cut-off last line" in capsys.readouterr().err
+
+
+def test_one_process_finishes_a_killed_two_process_job_from_its_parts(job, tmp_path, capsys):
+    """A killed two-process job left no output, only its parts (finished records, an error line, a cut-off
+    line). A rerun as one process (the job died, the user reruns on one machine) ignored them: it generated
+    every record again and left the parts behind, for a later multi-process run to merge. It now merges them
+    first: their records are kept, not generated again, and the output is the job's, in input order."""
+    _, run, base, _ = job
+    model = api.load(run)
+    full = (base / "ordered.jsonl").read_text().splitlines(keepends=True)  # line i: record i of the input
+    kept = [made_by_the_killed_job(line) for line in full[:4]]
+    out = tmp_path / "out.jsonl"
+    bulk.settings_path(out).write_text(bulk.settings_path(base / "ordered.jsonl").read_text())
+    bulk.part_path(out, 0, 2).write_text(f"0\t{kept[0]}2\t{kept[2]}")
+    assert '"id": "r6"' in full[15]
+    bulk.part_path(out, 1, 2).write_text(f"1\t{kept[1]}3\t{kept[3]}15\t{{\"id\": \"r6\", \"error\": \"x\"}}\n"
+                                         f"17\t{full[17][:9]}")
+    summary = generate(model, base / "in.jsonl", out)  # as it finishes: the parts' order is input order
+    assert (summary["skipped"], summary["retried"], summary["generated"] + summary["errors"]) == \
+        (4, 1, len(full) - 4)
+    assert out.read_text() == "".join(kept + full[4:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.settings.json"]
+    assert "merged the 2 part file(s) a killed job left (4 finished records)" in capsys.readouterr().err
+
+
+def test_the_parts_a_killed_job_left_are_checked_like_the_output(job, tmp_path, capsys):
+    """A one-process rerun once took a folder with only a killed job's parts for a new output: with other
+    settings, it rewrote the settings file and the parts' records (the old settings') were later merged into
+    the new ones; a part it did not write went unnoticed. Both are refused in one line, nothing changed."""
+    _, run, base, _ = job
+    out = tmp_path / "out.jsonl"
+    settings = bulk.settings_path(base / "ordered.jsonl").read_text()
+    bulk.settings_path(out).write_text(settings)
+    full = (base / "ordered.jsonl").read_text().splitlines(keepends=True)
+    bulk.part_path(out, 1, 2).write_text(f"1\t{full[1]}")
+    args = ["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(out), *FLAGS]
+    for content, extra, says in ((f"0\t{full[0]}", ["--seed", str(SEED + 1)], f"seed {SEED} -> {SEED + 1}"),
+                                 (f"0\t{full[0]}my notes\n", [], "part-00000-of-00002:2: not a record written")):
+        bulk.part_path(out, 0, 2).write_text(content)
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_job_of_another_process_count_takes_a_killed_jobs_parts(job, tmp_path, monkeypatch, capsys):
+    """A killed two-process job's parts, rerun by three processes: merged first, whatever the count (their
+    records kept, not generated again), so every record is in the output once and no part is left. Its output
+    already holds two of the parts' records, as a one-process rerun that ignored the parts left it; a part of
+    another killed job holds one record again (kept once); a user's copy of a part is not a part (left alone)."""
+    _, run, base, _ = job
+    model = api.load(run)
+    full = (base / "ordered.jsonl").read_text().splitlines(keepends=True)
+    kept = [made_by_the_killed_job(line) for line in full[:4]]
+    out = tmp_path / "out.jsonl"
+    out.write_text(full[0] + full[1])
+    bulk.settings_path(out).write_text(bulk.settings_path(base / "ordered.jsonl").read_text())
+    bulk.part_path(out, 0, 2).write_text(f"0\t{kept[0]}2\t{kept[2]}")
+    bulk.part_path(out, 1, 2).write_text(f"1\t{kept[1]}3\t{kept[3]}")
+    bulk.part_path(out, 2, 3).write_text(f"3\t{kept[3]}")
+    backup = Path(f"{bulk.part_path(out, 0, 2)}.bak")
+    backup.write_text("my copy\n")
+    summaries = as_processes(3, monkeypatch, lambda: generate(model, base / "in.jsonl", out))
+    assert out.read_text() == "".join(full[:2] + kept[2:] + full[4:])
+    assert sum(s["skipped"] for s in summaries.values()) == 4
+    assert backup.read_text() == "my copy\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", backup.name, "out.jsonl.settings.json"]
+    assert "merged the 3 part file(s) a killed job left (2 finished records)" in capsys.readouterr().err
 
 
 def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_the_same(job, monkeypatch):

@@ -14,7 +14,9 @@ indices (kept to skip finished records on a rerun, to catch duplicates, and to p
 input order). A rerun continues an output only if it is this command's own (its lines and settings file,
 checked before anything changes), skips its generated records and generates its error lines' records again.
 Under `jax.distributed` each process takes the records whose index is its process index modulo the process
-count, writes them to its own part file, and process 0 merges the parts into the output in input order.
+count, writes them to its own part file, and process 0 merges the parts into the output in input order. The
+parts a killed job left are merged into the output before a rerun starts, whatever the two runs' process
+counts (one included), so their records are neither generated again nor left behind.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import heapq
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -678,23 +681,27 @@ def part_path(output: Path, process: int, processes: int) -> Path:
 
 
 def _parts(output: Path) -> list[Path]:
-    return sorted(output.parent.glob(f"{output.name}.part-*-of-*"))
+    """The part files of `output`: exactly the names `part_path` gives (a user's `.bak` copy of one is not)."""
+    name = re.compile(re.escape(output.name) + r"\.part-\d{5}-of-\d{5}")
+    return sorted(p for p in output.parent.glob(f"{output.name}.part-*-of-*") if name.fullmatch(p.name))
 
 
 def _merge_parts(output: Path, already: set) -> int:
     """Append the parts' lines to `output` in input order (each part is in input order: a streaming merge),
-    leaving out records `output` already held, then delete the parts. Returns the lines appended."""
+    leaving out records `output` already held and repeats (two jobs' parts may hold one record), then delete
+    the parts. Returns the lines appended."""
     parts = _parts(output)
     files = [open(p, encoding="utf-8") for p in parts]
-    written = 0
+    appended = set()
     try:
         lines = heapq.merge(*[(_split_part_line(line.rstrip("\n")) for line in f if line.endswith("\n"))
                               for f in files], key=lambda item: item[0])
         with open(output, "a", encoding="utf-8") as out:
             for _, text in lines:
-                if _done_key(json.loads(text)) not in already:
+                key = _done_key(json.loads(text))
+                if key not in already and key not in appended:
                     out.write(text + "\n")
-                    written += 1
+                    appended.add(key)
             out.flush()
             os.fsync(out.fileno())
     finally:
@@ -702,7 +709,7 @@ def _merge_parts(output: Path, already: set) -> int:
             f.close()
     for p in parts:
         p.unlink()
-    return written
+    return len(appended)
 
 
 @dataclass
@@ -771,17 +778,21 @@ def check_settings(output: Path, settings: dict, has_records: bool, write: bool 
 
 
 def _prepare_output(output: Path, settings: dict, processes: int, me: int) -> list[_Scan]:
-    """Check an existing output (and, under jax.distributed, the parts of a killed job) before anything changes:
-    only this command's lines, its settings file, the same settings; then (process 0) drop their error and
-    cut-off lines. Returns the scans (the output's first)."""
-    scans = [_scan(output, indexed=False)] + [_scan(p, indexed=True) for p in (_parts(output) if processes > 1
-                                                                              else [])]
+    """Check an existing output and the parts a killed job left (of any process count: a multi-process job is
+    often rerun as one process) before anything changes: only this command's lines, its settings file, the
+    same settings; then (process 0) drop their error and cut-off lines and merge the parts into the output, so
+    this run's parts are its own. Returns the scans (the output's first)."""
+    scans = [_scan(output, indexed=False)] + [_scan(p, indexed=True) for p in _parts(output)]
     check_settings(output, settings, any(s.size for s in scans), write=me == 0)
     if processes > 1:
         _barrier("bulk_generation_scanned")  # every process has read the files before process 0 changes them
     if me == 0:
         for s in scans:
             _repair(s)
+        if len(scans) > 1:
+            merged = _merge_parts(output, scans[0].done)
+            print(f"blt generate: {output}: merged the {len(scans) - 1} part file(s) a killed job left ({merged} "
+                  "finished records)", file=sys.stderr)
     if processes > 1:
         _barrier("bulk_generation_repaired")
     return scans
@@ -793,10 +804,11 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
                   progress: bool = True) -> dict:
     """Generate for every record of the JSON Lines file `input` ("-": stdin) into `output` ("-": stdout).
 
-    Records already generated in `output` (an earlier run of the same job) are skipped, so rerunning a killed
-    job continues it; records with an error line there are generated again (their old lines removed first). An
-    existing `output` is checked before anything in it changes: it must hold only lines this function writes,
-    next to its settings file. A record that cannot run gets `{"id", "error"}` (plus `"line"` when its id is
+    Records already generated in `output` (an earlier run of the same job), or in the part files a killed
+    multi-process job left (merged into it first), are skipped, so rerunning a killed job continues it; records
+    with an error line there are generated again (their old lines removed first). An existing `output` (and
+    its parts) is checked before anything in it changes: it must hold only lines this function writes, next to
+    its settings file. A record that cannot run gets `{"id", "error"}` (plus `"line"` when its id is
     missing or repeated) and the run goes on. Returns a summary (counts, bytes, seconds)."""
     processes, me = jax.process_count(), jax.process_index()
     if processes > 1 and "-" in (input, output):
@@ -815,10 +827,11 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
         if source is not sys.stdin.buffer:
             source.close()
         raise
-    in_output = scans[0].done if scans else set()
-    done = set().union(*[s.done for s in scans])
+    done = set().union(*[s.done for s in scans])  # all in the output now
     retry = set().union(*[s.failed for s in scans]) - done
     resumed = any(s.size for s in scans)
+    # a killed multi-process job's records were merged: the output goes back into input order, as that job's
+    from_parts = len(scans) > 1
 
     total = _count_records(input)
     if total is not None:  # rows no record can fill only cost memory (--batch-size 100000000 ran out of it)
@@ -907,9 +920,9 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
     if processes > 1:
         _barrier("bulk_generation_written")
         if me == 0:
-            merged = _merge_parts(out_path, in_output)
+            merged = _merge_parts(out_path, done)
     # records appended after an earlier run's (resumed, retried) go back into input order, as one run writes them
-    if output != "-" and resumed and me == 0 and (ordered or processes > 1):
+    if output != "-" and resumed and me == 0 and (ordered or processes > 1 or from_parts):
         _in_input_order(out_path, index_of)
     if processes > 1:
         _barrier("bulk_generation_merged")
