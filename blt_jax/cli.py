@@ -336,7 +336,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--stop-after", type=non_negative_int,
                    help="end at this step with a checkpoint, as a preemption would (the schedule still targets "
-                        "train.steps; run again to resume)")
+                        "train.steps; run again without it, or with a later step, to go on); the exit status is 0, "
+                        "as the stop was asked for, and the summary says interrupted")
     _add_distributed_args(t)
     t.set_defaults(fn=cmd_train)
 

@@ -20,9 +20,13 @@ from blt_jax.train.step import make_optimizer, make_step_fns
 def heldout_bpb(run_dir: str | Path, data_root: Optional[str] = None, split: str = "heldout",
                 num_batches: Optional[int] = None, step: Optional[int] = None) -> dict:
     """Bits per byte of a run's checkpoint on a split of a data store (its own store by default)."""
-    kind, cfg, _ = ckpt.load_run_config(run_dir)
+    kind, cfg, meta = ckpt.load_run_config(run_dir)
     if data_root is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_root))
+    elif "converted_from" in meta:  # its data.path is the config's default, not a store it was trained on
+        raise FileNotFoundError(f"{run_dir}: a model imported from transformers ({meta['converted_from']}) has no "
+                                "data store of its own; pass --store STORE, or score text files with --task bpb "
+                                "--files ...")
     elif not Path(cfg.data.path).is_absolute() and "://" not in cfg.data.path and not Path(cfg.data.path).exists():
         raise FileNotFoundError(f"{run_dir}: its data store {cfg.data.path!r} is a path relative to the directory it "
                                 f"was trained from (runs written before absolute paths); pass --store")

@@ -109,3 +109,14 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     wrong = convert.config_from_hf(hf_models.variant(global_config={"intermediate_size": 700}))
     with pytest.raises(convert.UnsupportedConfig, match="global_transformer.layers.0.mlp"):
         convert.params_from_hf(wrong, tensors)
+
+
+def test_eval_of_an_imported_model_asks_for_a_store(converted, capsys):
+    """A probe: `blt eval` on an imported model blamed a store path "relative to the directory it was trained
+    from"; an import was never trained and has no store (its data.path is the config's default)."""
+    name, _, _, base = converted
+    if name != "reference":
+        pytest.skip("one variant shows it")
+    assert main(["eval", "--checkpoint", str(base / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "imported from transformers" in err and "pass --store" in err, err

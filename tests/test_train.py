@@ -127,3 +127,24 @@ def test_random_bytes_stay_at_chance_and_a_leak_would_show(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline.PatchedWindows, "map", off_by_one)
     leaked = _train_on_random_bytes(tmp_path, "leaky")
     assert leaked < honest - 0.7, (honest, leaked)
+
+
+def test_a_rerun_of_a_finished_run_logs_its_heldout_row_once(tiny_runs, tmp_path):
+    """A probe: every rerun of a finished `blt train` evaluated again and appended another held-out row for
+    the last step (the README: after a resume metrics.jsonl holds each step once)."""
+    cfg, _, _, _ = tiny_runs
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2, warmup_steps=1, checkpoint_every=100))
+    first = train("blt", cfg, tmp_path / "run", progress=False)
+    again = train("blt", cfg, tmp_path / "run", progress=False)
+    assert again["resumed_from"] == again["step"] == 2 and again["heldout"] == pytest.approx(first["heldout"])
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "heldout")] == [2]
+
+
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_runs, tmp_path):
+    """A probe: a batch larger than the held-out split failed with the data source's repr and left run.json,
+    metrics and an entropy copy behind, which `eval` then took for a run that stopped before its first save."""
+    cfg, root, _, _ = tiny_runs
+    big = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=4096))
+    with pytest.raises(ValueError, match=r"its heldout split holds \d+ window\(s\) of .* fewer than one batch of 4096"):
+        train("blt", big, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()

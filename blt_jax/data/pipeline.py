@@ -158,7 +158,9 @@ def make_eval_batches(data_cfg: DataConfig, split: str, transform: grain.transfo
     source = WindowSource(data_cfg.path, split, data_cfg.seq_len, fields or _fields_of(transform))
     n = len(source)
     if n < batch_size:
-        raise ValueError(f"{source!r} has {n} windows, fewer than one batch of {batch_size}")
+        raise ValueError(f"{data_cfg.path}: its {split} split holds {n} window(s) of {data_cfg.seq_len + 1} tokens, "
+                         f"fewer than one batch of {batch_size}; lower data.batch_size or data.seq_len, or prepare "
+                         "more data (or a larger --heldout-fraction)")
     count = min(num_batches, n // batch_size) * batch_size
     indices = np.arange(count) * n // count
     batches = []

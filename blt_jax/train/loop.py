@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -33,7 +34,7 @@ from blt_jax.data import pipeline, store
 from blt_jax.objectives import LN2
 from blt_jax.train import checkpoint as ckpt, resume
 from blt_jax.train.checkpoint import load_trained_params
-from blt_jax.train.metrics import MetricsWriter
+from blt_jax.train.metrics import MetricsWriter, logged
 from blt_jax.train.step import (Placement, StepFns, TrainState, create_train_state, make_optimizer, make_step_fns,
                                 plan_train_state)
 
@@ -330,8 +331,16 @@ def train(kind: str, cfg: RunConfig, run_dir: str | Path, *, entropy_run: Option
     _check_run_folder(cfg.data.path, run_dir)
     task = resolve_task(kind, absolute_store(cfg))  # a bad store is refused before the run folder is made
     store.check_tokens(task.cfg.data.path)
-    with ckpt.exclusive(run_dir):
-        return _train(task, Path(run_dir), entropy_run, progress, stop_after)
+    new = "://" not in str(run_dir) and not Path(run_dir).exists()
+    try:
+        with ckpt.exclusive(run_dir):
+            return _train(task, Path(run_dir), entropy_run, progress, stop_after)
+    except BaseException:
+        # a new run that failed before its first checkpoint (a data check, another entropy model) holds nothing
+        # to resume: leave no folder that `eval` and a rerun would take for a run
+        if new and jax.process_index() == 0 and ckpt.latest_step(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _check_run_folder(store_path: str, run_dir: str | Path) -> None:
@@ -397,7 +406,11 @@ def _train(task: Task, run_dir: Path, entropy_run: Optional[str], progress: bool
             "stopped_by": ("signal" if stop.requested else "stop_after") if interrupted else None}
         if log.last_row is not None:
             summary["last_train"] = log.last_row
-        if not interrupted:
+        # a rerun of a finished run trains nothing: its held-out row is in the log already (logged once)
+        earlier = logged(run_dir, step, "heldout") if step == start else None
+        if not interrupted and earlier is not None:
+            summary["heldout"] = earlier
+        elif not interrupted:
             with jax.set_mesh(plan.mesh):
                 summary["heldout"] = evaluate(plan.step_fns, state.params, eval_batches, plan.placement)
             writer.write(step, summary["heldout"], prefix="heldout")

@@ -68,6 +68,12 @@ def _truncate_log(path: Path, last_step: int) -> None:
         os.replace(tmp, path)
 
 
+def logged(run_dir: str | Path, step: int, split: str) -> Optional[dict]:
+    """The metrics a run's log already holds for (step, split), without the row's step, split and time."""
+    rows = [r for r in read_metrics(run_dir, split) if r.get("step") == step]
+    return {k: v for k, v in rows[-1].items() if k not in ("step", "split", "time")} if rows else None
+
+
 def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
