@@ -406,9 +406,13 @@ def _train(task: Task, run_dir: Path, entropy_run: Optional[str], progress: bool
             "stopped_by": ("signal" if stop.requested else "stop_after") if interrupted else None}
         if log.last_row is not None:
             summary["last_train"] = log.last_row
-        # a rerun of a finished run trains nothing: its held-out row is in the log already (logged once)
+        # a rerun of a finished run trains nothing: its held-out row is in the log already (logged once);
+        # evaluating is a collective, so every process goes by process 0's log
         earlier = logged(run_dir, step, "heldout") if step == start else None
-        if not interrupted and earlier is not None:
+        logged_before = earlier is not None
+        if jax.process_count() > 1:
+            logged_before = bool(multihost_utils.broadcast_one_to_all(np.array(logged_before)))
+        if not interrupted and logged_before:
             summary["heldout"] = earlier
         elif not interrupted:
             with jax.set_mesh(plan.mesh):
