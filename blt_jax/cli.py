@@ -712,6 +712,15 @@ def _one_line_warnings(command: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        code = _run(args)
+    except Exception:
+        _leave_the_job_if_distributed(1, traceback=True)
+        raise
+    return code if code in (exit_codes.OK, exit_codes.INTERRUPTED) else _leave_the_job_if_distributed(code)
+
+
+def _run(args) -> int:
     previous = warnings.showwarning
     _one_line_warnings(args.command)
     _quiet_background_tracebacks()
@@ -722,28 +731,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError, OSError, FloatingPointError) as e:
         # refused input, missing or damaged files, a failed save, a diverged loss: one line, not a traceback
         if os.environ.get("BLT_DEBUG"):
-            _leave_the_job_if_distributed(traceback=True)
             raise
         lines = str(e).strip().splitlines() or [type(e).__name__]
         more = " (BLT_DEBUG=1 shows the rest)" if len(lines) > 1 else ""
         print(f"blt {args.command}: error: {lines[0]}{more}", file=sys.stderr)
-        return _leave_the_job_if_distributed(exit_codes.ERROR)
+        return exit_codes.ERROR
     except RuntimeError as e:  # jax's errors are RuntimeErrors; only running out of memory is the user's to fix
         if "RESOURCE_EXHAUSTED" not in str(e) or os.environ.get("BLT_DEBUG"):
-            _leave_the_job_if_distributed(traceback=True)
             raise
         first = str(e).strip().splitlines()[0]
         print(f"blt {args.command}: error: out of memory ({first}); lower the batch size, the lengths (--max-positions,"
               " --max-new-bytes, the sequence length) or the model's size", file=sys.stderr)
-        return _leave_the_job_if_distributed(exit_codes.ERROR)
-    except Exception:
-        _leave_the_job_if_distributed(traceback=True)
-        raise
+        return exit_codes.ERROR
     finally:
         warnings.showwarning = previous
 
 
-def _leave_the_job_if_distributed(code: int = 1, traceback: bool = False) -> int:
+def _leave_the_job_if_distributed(code: int, traceback: bool = False) -> int:
     """A process of a jax.distributed job that fails exits at once, without jax's shutdown: that waits in a
     barrier for every peer, and a peer waiting for this process would hold the whole job until a timeout (a
     probe: one process's unreadable input kept both running past 250 s). The launcher (launch/local.py), or
