@@ -265,7 +265,7 @@ class CachedMask:
     n_write: Array  # (B,)
     window: Optional[int] = flax.struct.field(pytree_node=False)
     # (Bq,) the cache rows the queries read when they are a subset of the cache's batch (a compacted step);
-    # None: query row i reads cache row i. Rows are taken after the prefix is cut, so only it is copied.
+    # None: query row i reads cache row i. Each query row reads its row's prefix in place (`cached_attention`).
     rows: Optional[Array] = None
 
     @classmethod
@@ -322,10 +322,18 @@ def cached_attention(q: Array, k_new: Array, v_new: Array, cache: KVCache, mask:
     cache reads the smallest power-of-two prefix holding every valid key, so its cost follows the context,
     not the buffer."""
     def attend(s):  # the first s slots (of the rows the queries read)
-        ck, cv = cache.k[..., :s], cache.v[:, :, :s]
-        if mask.rows is not None:
-            ck, cv = jnp.take(ck, mask.rows, axis=0), jnp.take(cv, mask.rows, axis=0)
-        return _attend(q, ck, cv, k_new, v_new, mask)
+        if mask.rows is None:
+            return _attend(q, cache.k[..., :s], cache.v[:, :, :s], k_new, v_new, mask)
+
+        # a compacted step: each query row reads its cache row's prefix where it lies (a dynamic slice), one
+        # row at a time, instead of first gathering every row's prefix into a copy
+        def one_row(x):
+            row, q1, k1, v1, m1 = jax.tree.map(lambda a: a[None], x)
+            ck = jax.lax.dynamic_slice_in_dim(cache.k, row[0], 1)[..., :s]
+            cv = jax.lax.dynamic_slice_in_dim(cache.v, row[0], 1)[:, :, :s]
+            return _attend(q1, ck, cv, k1, v1, m1)[0]
+
+        return jax.lax.map(one_row, (mask.rows, q, k_new, v_new, mask.replace(rows=None)))
 
     if mask.window is not None or cache.size <= LINEAR_PREFIX_MIN:
         return attend(cache.size)
