@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
 import logging
 import math
@@ -50,6 +51,13 @@ def non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0-65535 (0: any free one), got {value}")
     return value
 
 
@@ -208,6 +216,33 @@ def _quickstart_parser(sub) -> None:
 # ---- prepare, calibrate ------------------------------------------------------------------------------------
 
 def cmd_prepare(args) -> int:
+    """Stopped by SIGINT/SIGTERM: the same command again finishes the job (entropies resume where they stopped;
+    tokenising starts over, since the manifest is written last)."""
+    with sigterm_as_interrupt():
+        try:
+            return _prepare(args)
+        except KeyboardInterrupt:
+            print("blt prepare: stopped; run the same command again to finish (the entropies written so far are "
+                  "kept)", file=sys.stderr)
+            return exit_codes.INTERRUPTED
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop) raises KeyboardInterrupt like Ctrl-C, so one handler reports both."""
+    import signal  # noqa: PLC0415
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prepare(args) -> int:
     import jax  # noqa: PLC0415
 
     from blt_jax import prepare  # noqa: PLC0415
@@ -575,7 +610,7 @@ def _serve_parser(sub) -> None:
                                      "server-sent events), concurrent requests continuously batched")
     s.add_argument("--checkpoint", required=True, help="BLT run directory")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    s.add_argument("--port", type=non_negative_int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: any free one)")
     s.add_argument("--batch-size", type=positive_int, default=32, help="rows generated at once (per method)")
     s.add_argument("--max-positions", type=positive_int, default=2048,
                    help="positions per row: prompt + max_tokens + the method's lookahead; longer requests get a 400")

@@ -393,6 +393,11 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
                            batch_size=args.batch_size, max_positions=args.max_positions,
                            defaults=bulk.Defaults(args.max_new_bytes, sampling), stop_at_eos=stop_at_eos,
                            model_name=args.model_name or Path(args.checkpoint).resolve().name)
-        api.method_config(model, method, draft_len, block_size, unmask)  # a method the model cannot run: refused
+        mc = api.method_config(model, method, draft_len, block_size, unmask)  # a method the model cannot run: refused
+        need = 2 + args.max_new_bytes + mc.lookahead  # BOS + a one-byte prompt + the default budget + lookahead
+        if need > args.max_positions:  # else every request without max_tokens would get a 400
+            raise ValueError(f"--max-new-bytes {args.max_new_bytes} (the budget of requests without max_tokens) "
+                             f"needs {need} positions with method {method!r} even for a one-byte prompt, more than "
+                             f"--max-positions {args.max_positions}")
         serve(model, cfg, args.host, args.port, warm_up=not args.no_warmup, sock=sock)
     return 0

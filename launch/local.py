@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,8 +36,23 @@ def _pump(proc: subprocess.Popen, prefix: str, out) -> None:
         out.flush()
 
 
+def resolve(program: str) -> str | None:
+    """The program to start: as given when it is a path, else from PATH, else next to this Python (the
+    README runs the launcher as .venv/bin/python without activating the venv, so `blt` is not on PATH)."""
+    if os.sep in program:
+        return program
+    beside = os.path.join(os.path.dirname(sys.executable), program)
+    return shutil.which(program) or (beside if os.access(beside, os.X_OK) else None)
+
+
 def launch(command: list[str], num_processes: int, devices_per_process: int, timeout: float = 0,
            port: int = 0, env: dict | None = None, out=sys.stdout) -> int:
+    program = resolve(command[0]) if command else None
+    if program is None:
+        print(f"launch/local.py: error: {command[0] if command else 'no command'}: not found on PATH nor next to "
+              f"{sys.executable}", file=sys.stderr)
+        return 2
+    command = [program, *command[1:]]
     port = port or free_port()
     procs = []
     for pid in range(num_processes):

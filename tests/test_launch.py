@@ -304,6 +304,25 @@ def test_local_launcher_ends_the_job_when_any_process_fails(tmp_path):
     assert not marker.exists()  # process 0 was stopped, not waited for
 
 
+def test_local_launcher_finds_blt_beside_its_python_and_refuses_a_missing_command(tmp_path, monkeypatch, capsys):
+    """A probe: `.venv/bin/python launch/local.py -- blt ...` without the venv on PATH ended in a
+    FileNotFoundError traceback (and so did any misspelt command)."""
+    sys.path.insert(0, str(LAUNCH))
+    try:
+        import local  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(LAUNCH))
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither blt nor anything else on PATH
+    assert local.resolve("blt") == str(Path(sys.executable).parent / "blt")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        assert local.launch(["blt", "params", "--preset", "tiny"], 1, 1, timeout=100, out=f) == 0
+    assert "total_blt" in out.read_text()
+    assert local.main(["--num-processes", "2", "--", "nosuchcmd"]) == 2
+    assert capsys.readouterr().err.strip() == (f"launch/local.py: error: nosuchcmd: not found on PATH nor next to "
+                                               f"{sys.executable}")
+
+
 def test_explicit_settings_turn_cluster_detection_off(monkeypatch):
     """With coordinator settings given, jax must not auto-detect Slurm, which would bind one GPU per process
     (local_device_ids=[SLURM_LOCALID]) although one process per host drives all its GPUs."""

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +356,29 @@ def test_two_processes_prepare_the_same_store_as_one(tiny_runs, tmp_path):
     tokens = store.open_array(one, "train", "tokens")
     assert tokens.shape[0] > 4 * shard  # several shards, so both processes wrote some of each array
     assert not [p for p in Path(two).rglob("*") if p.is_file() and store.STAGING in p.parts]  # staging is gone
+
+
+def test_a_stopped_entropy_computation_reports_it_and_the_same_command_finishes(tiny_runs, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A probe: Ctrl-C during `prepare --entropy-run` printed a KeyboardInterrupt traceback, SIGTERM ended it
+    with no word. Both now say how to finish (exit 75, like an interrupted train), and the rerun does."""
+    entropy_run = str(tiny_runs[2])
+    root = str(tmp_path / "store")
+    prepare.prepare_corpus(root, [str(_pod_corpus(tmp_path))], heldout_fraction=0.2, shard_tokens=2048)
+    cmd = ["prepare", "--preset", "tiny", "--store", root, "--entropy-run", entropy_run, "--no-progress"]
+    calibrate = prepare.calibrate
+
+    def stopped_by_a_scheduler(*a, **k):  # the entropies are written; the stop comes while calibrating
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(prepare, "calibrate", stopped_by_a_scheduler)
+    assert main(cmd) == 75
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "blt prepare: stopped; run the same command again to finish")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone
+    monkeypatch.setattr(prepare, "calibrate", calibrate)
+    assert main(cmd) == 0
+    out = capsys.readouterr().out
+    assert "entropies already complete" in out and "calibrated threshold" in out

@@ -129,6 +129,24 @@ def test_serve_refuses_a_taken_port_before_loading_anything(tmp_path, capsys):
     assert "address already in use" in capsys.readouterr().err.lower()
 
 
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_serve_refuses_a_port_out_of_range_in_one_line(tmp_path, capsys, port):
+    """A probe: --port 70000 ended in socket's OverflowError traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--checkpoint", str(tmp_path / "no-run"), "--port", port])
+    assert e.value.code == 2 and "must be a TCP port in 0-65535" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_default_budget_no_request_could_use(tmp_path, capsys):
+    """A probe: --max-positions 64 --max-new-bytes 1000 started a server that answered every request without
+    max_tokens with a 400."""
+    run = save_run(random_model(), tmp_path / "run")
+    args = ["serve", "--checkpoint", run, "--port", "0", "--max-positions", "64", "--no-warmup"]
+    assert main(args + ["--max-new-bytes", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-bytes 1000" in err and "needs 1003 positions" in err and "--max-positions 64" in err
+
+
 def test_serve_on_port_0_reports_the_port_it_serves(tmp_path):
     """A probe: `--port 0` printed http://127.0.0.1:0/..., and the port the OS chose was never shown."""
     run = save_run(random_model(), tmp_path / "run")
