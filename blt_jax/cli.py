@@ -345,8 +345,9 @@ def _calibrate_parser(sub) -> None:
 
 def cmd_train(args) -> int:
     from blt_jax.model import param_counts  # noqa: PLC0415
-    from blt_jax.train.loop import train  # noqa: PLC0415
+    from blt_jax.train.loop import check_overrides, train  # noqa: PLC0415
 
+    check_overrides(args.what, args.set or [])  # before they are applied: train.* would be checked, then unused
     cfg = _run_config(args)
     counts = param_counts(cfg.model.entropy_model if args.what == "entropy" else cfg.model)
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()), flush=True)

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from blt_jax import prepare
+from blt_jax.cli import main
+from blt_jax.config import ConfigError
 from blt_jax.evaluate import unigram_bpb
 from blt_jax.data import pipeline
 from blt_jax.train import checkpoint as ckpt
 from blt_jax.train.checkpoint import load_trained_params
-from blt_jax.train.loop import train
+from blt_jax.train.loop import check_overrides, train
 from blt_jax.train.metrics import read_metrics
-from conftest import tiny_config
+from conftest import STDLIB, tiny_config
 
 
 def test_loss_falls_for_entropy_model_and_blt(tiny_runs):
@@ -148,3 +150,36 @@ def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_
     with pytest.raises(ValueError, match=r"its heldout split holds \d+ window\(s\) of .* fewer than one batch of 4096"):
         train("blt", big, tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_an_entropy_run_refuses_train_overrides_and_records_the_schedule_it_trains(tmp_path, capsys):
+    """A probe: `blt train --what entropy --set train.steps=10` checked train.* and trained the preset's
+    entropy_train.steps, while run.json said train.steps=10. The entropy model trains with entropy_train.*:
+    a train.* override is refused naming the field to set, and the section that is used is the one checked."""
+    root = str(tmp_path / "data")
+    prepare.prepare_corpus(root, [str(STDLIB / "json")])
+    run = tmp_path / "ent"
+    entropy = ["train", "--what", "entropy", "--preset", "tiny", "--store", root, "--run", str(run), "--no-progress"]
+    assert main([*entropy, "--set", "train.steps=3", "--set", "train.seed=1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "blt train: error: train.steps: the entropy model trains with entropy_train.*, not train.*; "
+        "use --set entropy_train.steps=3")
+    assert not run.exists()
+    assert main([*entropy, "--set", "entropy_train.steps=1"]) == 2  # tiny's entropy warmup is 2 steps
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "blt train: error: entropy_train.warmup_steps: must lie in [0, steps=1], got 2")
+
+    assert main([*entropy, "--set", "entropy_train.steps=3", "--set", "entropy_train.seed=1",
+                 "--set", "entropy_train.eval_batches=1"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["step"] == 3
+    assert [r["step"] for r in read_metrics(run, "train")][-1] == 3
+    recorded = json.loads((run / "run.json").read_text())["config"]
+    assert recorded["entropy_train"]["steps"] == 3 and recorded["entropy_train"]["seed"] == 1
+
+
+def test_only_an_entropy_run_refuses_train_overrides():
+    check_overrides("blt", ["train.steps=3", "entropy_train.steps=3"])  # --what blt accepts both, as before
+    check_overrides("entropy", ["entropy_train.steps=3", "data.seed=1", "model.entropy_model.stack.n_layers=2"])
+    with pytest.raises(ConfigError, match=r'^train: .* use --set entropy_train=\{"steps": 3\}$'):
+        check_overrides("entropy", ['train={"steps": 3}'])  # the whole section too

@@ -20,7 +20,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,20 @@ class Task:
     @property
     def train_cfg(self):
         return self.cfg.entropy_train if self.kind == "entropy" else self.cfg.train
+
+
+def check_overrides(kind: str, overrides: Sequence[str]) -> None:
+    """`blt train --set`, before it is applied: the entropy model trains with `entropy_train.*`, so a `train.*`
+    override would be checked and recorded in run.json but never used (a probe: `--set train.steps=10` trained
+    the preset's entropy_train.steps). It is refused, naming the field to set; `--what blt` is unchanged."""
+    if kind != "entropy":
+        return
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key == "train" or key.startswith("train."):
+            raise ConfigError(f"{key}: the entropy model trains with entropy_train.*, not train.*; use "
+                              f"--set entropy_{key}={value}")
 
 
 def absolute_store(cfg: RunConfig) -> RunConfig:
