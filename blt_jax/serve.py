@@ -386,6 +386,7 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
 
     if method not in CACHED_METHODS:
         raise ValueError(f"--method {method}: the server runs the cached methods ({', '.join(CACHED_METHODS)})")
+    bulk.check_max_positions(args.max_positions)  # before the model loads
     # bound now: a taken port is refused before anything loads, and --port 0's choice is the port served
     with socket.create_server((args.host, args.port)) as sock:
         model = api.load(args.checkpoint, dtype=args.dtype)

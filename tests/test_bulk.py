@@ -21,7 +21,7 @@ import pytest
 
 from blt_jax.cli import main
 from blt_jax.config import get_preset
-from blt_jax.generation import api, bulk, programs, samplers
+from blt_jax.generation import api, bulk, programs, prompts, samplers
 from blt_jax.generation.sampling import SamplingConfig
 from blt_jax.tokenizer import encode
 from blt_jax.train import checkpoint as ckpt
@@ -418,6 +418,100 @@ def test_a_job_of_another_process_count_takes_a_killed_jobs_parts(job, tmp_path,
     assert backup.read_text() == "my copy\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", backup.name, "out.jsonl.settings.json"]
     assert "merged the 3 part file(s) a killed job left (2 finished records)" in capsys.readouterr().err
+
+
+def test_a_second_run_on_an_output_a_live_run_writes_is_refused(job, tmp_path, monkeypatch, capsys):
+    """A probe: two `blt generate --input` runs on one --output at once each generated every record, and the
+    file kept each line twice for good (a rerun skipped them all). While one run holds the output a second is
+    refused in one line, before it reads or changes anything; the first's output has one line per record, and
+    the output is free again once it ends (a lock file a killed run left does not hold it)."""
+    _, run, _, records = job
+    model = api.load(run)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--checkpoint", run, "--input", str(tmp_path / "in.jsonl"), "--output", str(out), *FLAGS]
+    running, finish = threading.Event(), threading.Event()
+    advance = bulk.ContinuousBatcher._advance
+
+    def held_mid_run(self, carry):  # the first run waits in the middle of its job (rows admitted) for the second
+        if threading.current_thread() is first:
+            running.set()
+            finish.wait(600)
+        return advance(self, carry)
+
+    monkeypatch.setattr(bulk.ContinuousBatcher, "_advance", held_mid_run)
+    summary: dict = {}
+    first = threading.Thread(target=lambda: summary.update(generate(model, tmp_path / "in.jsonl", out)))
+    first.start()
+    try:
+        assert running.wait(600)
+        code = main(args)
+    finally:
+        finish.set()
+        first.join()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "another `blt generate` run is writing it" in err, err
+    assert summary["generated"] == 4 and sorted(o["id"] for o in read_lines(out)) == ["r0", "r1", "r2", "r3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.settings.json"]
+    bulk.lock_path(out).touch()  # as a killed run leaves it: the OS let go of its lock
+    assert main(args) == 0 and "4 already in the output" in capsys.readouterr().err
+    assert not bulk.lock_path(out).exists()
+
+
+def test_a_record_written_twice_is_kept_once(job, tmp_path, capsys):
+    """What two runs at once left before the second was refused: each record's line twice, interleaved. A rerun
+    said "16 already in the output" and kept every line; it now drops the repeats (each record keeps its first
+    line, as merging parts does) and says so, so the output has one line per record again."""
+    _, run, _, records = job
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--checkpoint", run, "--input", str(tmp_path / "in.jsonl"), "--output", str(out), *FLAGS]
+    assert main(args) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2] + [lines[0], made_by_the_killed_job(lines[1])] + lines[2:] + lines[2:]))
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "dropped 4 repeated lines" in err and "4 already in the output" in err, err
+    assert out.read_text() == "".join(lines)
+
+
+def test_max_positions_over_the_generation_limit_is_refused_up_front(job, tmp_path, capsys):
+    """A probe: --max-positions 100000000 (or 2000000) hung the run, or got it killed at 22 GB RSS, without a
+    word. More than api.generate's limit (its longest length bucket) is refused in one line before anything
+    is written; the batcher `blt serve` runs refuses it too."""
+    model, run, base, _ = job
+    limit = prompts.LENGTH_BUCKETS[-1]
+    with pytest.raises(ValueError, match=f"--max-positions {limit + 1}: more than the {limit} positions"):
+        bulk.ContinuousBatcher(model, api.method_config(model, "ar"), max_positions=limit + 1)
+    out = tmp_path / "out.jsonl"
+    for n in (10**8, 2 * 10**6, limit + 1):  # the last --max-positions wins over FLAGS'
+        assert main(["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(out),
+                     *FLAGS, "--max-positions", str(n)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--max-positions {n}: more than the {limit} positions" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_dtype_is_named_not_taken_for_other_weights(job, tmp_path, capsys):
+    """After --dtype bfloat16 the refusal said the weights changed ('9250111ed64b17cb' -> '873c4e188b6ccfaf'),
+    though only the dtype did: it names the dtype. An output whose settings file predates the dtype setting
+    still tells another dtype by the weights' digest, and is continued with the same settings."""
+    _, run, base, _ = job
+    out = tmp_path / "out.jsonl"
+    out.write_text((base / "out.jsonl").read_text())
+    settings = json.loads(bulk.settings_path(base / "out.jsonl").read_text())
+    bulk.settings_path(out).write_text(json.dumps(settings))
+    args = ["generate", "--checkpoint", run, "--input", str(base / "in.jsonl"), "--output", str(out), *FLAGS]
+    before = out.read_bytes()
+    assert main(args + ["--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "its records were made with other settings (dtype 'float32' -> 'bfloat16');" in err, err
+    del settings["dtype"]
+    bulk.settings_path(out).write_text(json.dumps(settings))
+    assert main(args + ["--dtype", "bfloat16"]) == 2
+    assert "(weights " in capsys.readouterr().err and out.read_bytes() == before
+    assert main(args) == 0 and "10 already in the output" in capsys.readouterr().err
 
 
 def test_near_the_memory_map_limit_the_programs_are_freed_and_the_output_stays_the_same(job, monkeypatch):

@@ -16,14 +16,17 @@ checked before anything changes), skips its generated records and generates its 
 Under `jax.distributed` each process takes the records whose index is its process index modulo the process
 count, writes them to its own part file, and process 0 merges the parts into the output in input order. The
 parts a killed job left are merged into the output before a rerun starts, whatever the two runs' process
-counts (one included), so their records are neither generated again nor left behind.
+counts (one included), so their records are neither generated again nor left behind. One run at a time
+writes an output (a lock next to it): a second is refused while the first runs.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -47,6 +50,7 @@ from blt_jax.generation import programs, samplers
 from blt_jax.generation.api import cost_record
 from blt_jax.generation.cost import ParamsForCost
 from blt_jax.generation.loaded import LoadedModel
+from blt_jax.generation.prompts import LENGTH_BUCKETS
 from blt_jax.generation.samplers import Carry, MethodConfig
 from blt_jax.generation.sampling import (TEMPERATURE_RULE, TOP_P_RULE, SamplingConfig, SamplingRows, row_keys,
                                         temperature_ok, top_p_ok)
@@ -54,6 +58,7 @@ from blt_jax.tokenizer import BOE_ID, EOS_ID, decode_bytes, encode
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_POSITIONS = 2048
+MAX_POSITIONS = LENGTH_BUCKETS[-1]  # api.generate's limit (its longest length bucket), for every way to generate
 SMALLEST_PROMPT_BUCKET = 64
 END = object()  # what a request source returns when it has no more requests
 
@@ -73,6 +78,14 @@ class _OneLayout(MethodConfig):
 
     def layout(self, buffer: int, prompt_len: int):
         return super().layout(buffer, max(prompt_len, self.largest_prompt))
+
+
+def check_max_positions(max_positions: int) -> None:
+    """Refuse rows longer than generation supports before anything is allocated or written: a probe's
+    --max-positions 100000000 compiled and allocated for minutes, or ran out of memory, without a word."""
+    if max_positions > MAX_POSITIONS:
+        raise ValueError(f"--max-positions {max_positions}: more than the {MAX_POSITIONS} positions generation "
+                         "supports per row (prompt + max_new_bytes + the method's lookahead)")
 
 
 def prompt_buckets(largest: int) -> tuple[int, ...]:
@@ -164,6 +177,7 @@ class ContinuousBatcher:
                              "without a mesh (under jax.distributed every process takes its own share)")
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        check_max_positions(max_positions)
         self.largest_prompt = max_positions - method.lookahead - 1  # leave room for at least one new byte
         if self.largest_prompt < 2:
             raise ValueError(f"max_positions: {max_positions} positions leave no room for a prompt and a byte with "
@@ -473,6 +487,7 @@ class _Scan:
     done: set = dataclasses.field(default_factory=set)  # keys of generated records: a rerun skips them
     failed: set = dataclasses.field(default_factory=set)  # keys of records with an error line: generated again
     error_lines: int = 0
+    repeated: int = 0  # generated records' lines after their first (two runs wrote the file at once)
     cut_off: bool = False  # the last line lacks its newline: half a record a killed run was writing
 
 
@@ -501,6 +516,7 @@ def _scan(path: Path, indexed: bool) -> _Scan:
             if kind is None:
                 raise _foreign(path, number)
             if kind == "result":
+                scan.repeated += _done_key(rec) in scan.done
                 scan.done.add(_done_key(rec))
             else:
                 scan.error_lines += 1
@@ -542,21 +558,27 @@ def _rewrite(path: Path, lines: Iterable[bytes]) -> None:
 
 
 def _results_only(path: Path, indexed: bool) -> Iterator[bytes]:
-    """The complete lines of a scanned file that are generated records (error lines and a cut-off line left
-    out)."""
+    """The complete lines of a scanned file that are generated records, each record's first only (error lines,
+    repeats and a cut-off line left out)."""
+    seen = set()
     with open(path, "rb") as f:
         for raw in f:
-            if raw.endswith(b"\n") and _parse_line(raw, indexed)[0] == "result":
+            kind, rec = _parse_line(raw, indexed) if raw.endswith(b"\n") else (None, None)
+            if kind == "result" and _done_key(rec) not in seen:
+                seen.add(_done_key(rec))
                 yield raw
 
 
 def _repair(scan: _Scan) -> None:
     """Make a scanned file ready to be appended to: drop its error lines (their records are generated again,
-    and the output keeps one line per record) and a cut-off last line."""
+    and the output keeps one line per record), repeated lines and a cut-off last line."""
     if scan.cut_off:
         print(f"blt generate: {scan.path}: dropped a cut-off last line (a record a killed run was writing; it is "
               "generated again)", file=sys.stderr)
-    if scan.error_lines:
+    if scan.repeated:  # as merging parts does, a record keeps its first line
+        print(f"blt generate: {scan.path}: dropped {scan.repeated} repeated lines (records written twice, as two "
+              "runs at once did; each keeps its first line)", file=sys.stderr)
+    if scan.error_lines or scan.repeated:
         _rewrite(scan.path, _results_only(scan.path, scan.indexed))
     elif scan.cut_off:
         drop_cut_off_line(scan.path)
@@ -734,9 +756,11 @@ def weights_digest(model: LoadedModel) -> str:
 
 
 def output_settings(model: LoadedModel, method: samplers.MethodConfig, defaults: Defaults, stop_at_eos: bool) -> dict:
-    """What decides an output's records besides the records themselves (the weights, the method's options that
-    apply to it, the flags' defaults): a resumed run must use the same, or its records would mix with others."""
-    m = {"weights": weights_digest(model), "method": method.method}
+    """What decides an output's records besides the records themselves (the weights and their dtype, the
+    method's options that apply to it, the flags' defaults): a resumed run must use the same, or its records
+    would mix with others."""
+    floats = {str(a.dtype) for a in jax.tree.leaves(model.all_params()) if jnp.issubdtype(a.dtype, jnp.floating)}
+    m = {"weights": weights_digest(model), "dtype": ",".join(sorted(floats)), "method": method.method}
     if method.method == "s":
         m["draft_len"] = method.draft_len
     if method.method in ("d", "dv"):
@@ -747,6 +771,40 @@ def output_settings(model: LoadedModel, method: samplers.MethodConfig, defaults:
 
 def settings_path(output: Path) -> Path:
     return output.with_name(output.name + ".settings.json")
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextlib.contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    """Hold `output` for one run: two at once each generated every record into it (each line twice, for good).
+    An advisory lock (flock, as `checkpoint.exclusive` holds a training run) on a file next to it, which the
+    OS drops when the process dies; a run that ends removes the file (one a killed run left is reused), so a
+    refused or finished run leaves the folder as it found it."""
+    path = lock_path(output)
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise OSError(f"--output {output}: another `blt generate` run is writing it (it holds {path.name}); "
+                          "wait for it to end, or choose another --output") from None
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(f.fileno())
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        f.close()  # the run that held it removed the file after we opened it: lock the one there now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a run that opened it meanwhile then locks a new one
+        f.close()
 
 
 def check_settings(output: Path, settings: dict, has_records: bool, write: bool = True) -> None:
@@ -764,7 +822,12 @@ def check_settings(output: Path, settings: dict, has_records: bool, write: bool 
             before = None
         if not isinstance(before, dict):
             raise ValueError(f"{path}: unreadable (not a JSON object); delete it to continue {output} as it is")
-        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
+        keys = set(before) | set(settings)
+        if "dtype" not in before:  # written before the dtype was a setting: the weights' digest tells it
+            keys.discard("dtype")
+        elif before["dtype"] != settings.get("dtype"):  # which changes the digest too: not other weights
+            keys.discard("weights")
+        changed = [f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(keys)
                    if before.get(k) != settings.get(k)]
         if changed:
             raise ValueError(f"--output {output}: its records were made with other settings ({'; '.join(changed)}); "
@@ -810,6 +873,7 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
     its parts) is checked before anything in it changes: it must hold only lines this function writes, next to
     its settings file. A record that cannot run gets `{"id", "error"}` (plus `"line"` when its id is
     missing or repeated) and the run goes on. Returns a summary (counts, bytes, seconds)."""
+    check_max_positions(max_positions)
     processes, me = jax.process_count(), jax.process_index()
     if processes > 1 and "-" in (input, output):
         raise ValueError("--input/--output: under jax.distributed every process reads the input and writes a part "
@@ -818,6 +882,17 @@ def generate_file(model: LoadedModel, input: str, output: str, method: MethodCon
         raise ValueError(f"--output {output}: is the input file")
     if output != "-" and not Path(output).absolute().parent.is_dir():
         raise FileNotFoundError(f"--output {output}: the folder {Path(output).parent} does not exist")
+    # before its files are read, another run may be writing them; under jax.distributed process 0 holds it for
+    # the job (it writes the output; the others' parts wait for its checks)
+    with _exclusive(Path(output)) if output != "-" and me == 0 else contextlib.nullcontext():
+        return _generate_file(model, input, output, method, batch_size, max_positions, defaults, stop_at_eos,
+                              ordered, progress, processes, me)
+
+
+def _generate_file(model: LoadedModel, input: str, output: str, method: MethodConfig, batch_size: int,
+                   max_positions: int, defaults: Defaults, stop_at_eos: bool, ordered: bool, progress: bool,
+                   processes: int, me: int) -> dict:
+    """`generate_file` once its arguments are checked (and the output held)."""
     source = _open_input(input)
     out_path = Path(output)
     try:
@@ -957,6 +1032,7 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
     if method not in samplers.CACHED_METHODS:
         raise ValueError(f"--method {method}: bulk generation runs the cached methods "
                          f"({', '.join(samplers.CACHED_METHODS)})")
+    check_max_positions(args.max_positions or DEFAULT_MAX_POSITIONS)  # before the model loads
     model = api.load(args.checkpoint, dtype=args.dtype)
     mc = api.method_config(model, method, draft_len, block_size, unmask)
     output = args.output or "-"
