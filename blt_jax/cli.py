@@ -535,7 +535,8 @@ def cmd_generate(args) -> int:
     from blt_jax.generation import api, bulk  # noqa: PLC0415
 
     if any(getattr(args, option) for option in bulk.BULK_OPTIONS):  # a JSON Lines file, continuous batching
-        return bulk.command(args, **_generation_kwargs(args))
+        with sigterm_as_interrupt():  # a scheduler's stop ends it like Ctrl-C: finished records kept, exit 75
+            return bulk.command(args, **_generation_kwargs(args))
     prompts = _read_prompts(args)
     model = api.load(args.checkpoint, dtype=args.dtype)
     if args.sharded:

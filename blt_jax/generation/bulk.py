@@ -1014,9 +1014,8 @@ BULK_OPTIONS = ("input", "output", "batch_size", "max_positions", "ordered")  # 
 def command(args, *, method: str, draft_len: int, block_size: Optional[int], sampling: SamplingConfig,
             unmask, stop_at_eos: bool) -> int:
     """`blt generate --input FILE --output FILE`: the CLI's options -> `generate_file`; a summary on stderr.
-    SIGTERM/SIGINT stop it with every finished record written (exit status 75: run it again to continue)."""
-    import signal  # noqa: PLC0415
-
+    SIGINT (and SIGTERM, which the CLI turns into it) stop it with every finished record written (exit status 75:
+    run it again to continue)."""
     from blt_jax import exit_codes  # noqa: PLC0415
     from blt_jax.generation import api  # noqa: PLC0415
 
@@ -1036,11 +1035,6 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
     model = api.load(args.checkpoint, dtype=args.dtype)
     mc = api.method_config(model, method, draft_len, block_size, unmask)
     output = args.output or "-"
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
     try:
         summary = generate_file(model, args.input, output, mc, batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
                                 max_positions=args.max_positions or DEFAULT_MAX_POSITIONS,
@@ -1050,8 +1044,6 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
         print(f"blt generate: stopped; every finished record is in {output}: run the same command again to "
               "continue", file=sys.stderr)
         return exit_codes.INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     rate = summary["bytes_per_second"]
     retried = f", {summary['retried']} retried (error lines of an earlier run)" if summary["retried"] else ""
     where = f" [process {summary['process']} of {summary['processes']}]" if summary["processes"] > 1 else ""

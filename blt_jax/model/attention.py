@@ -328,12 +328,13 @@ def cached_attention(q: Array, k_new: Array, v_new: Array, cache: KVCache, mask:
         # a compacted step: each query row reads its cache row's prefix where it lies (a dynamic slice), one
         # row at a time, instead of first gathering every row's prefix into a copy
         def one_row(x):
-            row, q1, k1, v1, m1 = jax.tree.map(lambda a: a[None], x)
-            ck = jax.lax.dynamic_slice_in_dim(cache.k, row[0], 1)[..., :s]
-            cv = jax.lax.dynamic_slice_in_dim(cache.v, row[0], 1)[:, :, :s]
+            row, per_row = x
+            q1, k1, v1, m1 = jax.tree.map(lambda a: a[None], per_row)  # a batch of one
+            ck = jax.lax.dynamic_slice_in_dim(cache.k, row, 1)[..., :s]
+            cv = jax.lax.dynamic_slice_in_dim(cache.v, row, 1)[:, :, :s]
             return _attend(q1, ck, cv, k1, v1, m1)[0]
 
-        return jax.lax.map(one_row, (mask.rows, q, k_new, v_new, mask.replace(rows=None)))
+        return jax.lax.map(one_row, (mask.rows, (q, k_new, v_new, mask.replace(rows=None))))
 
     if mask.window is not None or cache.size <= LINEAR_PREFIX_MIN:
         return attend(cache.size)
