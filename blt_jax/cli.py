@@ -39,6 +39,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a time limit), refused while the options are parsed, before any work."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A count: >= 1 (0 is refused, never taken to mean "the default": leave the option out for that)."""
     value = _int(text)
@@ -501,7 +509,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("--samples", type=positive_int, default=1, help="humaneval: completions per problem")
     e.add_argument("--k", help="humaneval: comma-separated k of pass@k, each <= --samples (default: those of "
                                "1, 10, 100 that are)")
-    e.add_argument("--timeout", type=finite_float, default=3.0, help="humaneval: seconds per test run")
+    e.add_argument("--timeout", type=positive_float, default=3.0, help="humaneval: seconds per test run")
     e.add_argument("--workers", type=positive_int, default=2, help="humaneval: parallel test runs")
     e.add_argument("--prompt-bytes", type=positive_int, default=128, help="continuation: prompt length")
     e.add_argument("--target-bytes", type=positive_int, default=32, help="continuation: bytes to continue")
@@ -536,7 +544,10 @@ def cmd_generate(args) -> int:
 
     if any(getattr(args, option) for option in bulk.BULK_OPTIONS):  # a JSON Lines file, continuous batching
         with sigterm_as_interrupt():  # a scheduler's stop ends it like Ctrl-C: finished records kept, exit 75
-            return bulk.command(args, **_generation_kwargs(args))
+            code = bulk.command(args, **_generation_kwargs(args))
+        # a stopped process of a multi-process job leaves it at once: a peer that finished its share waits in a
+        # barrier for this one, and jax's shutdown would wait for that peer (a probe: both hung until killed)
+        return _leave_the_job_if_distributed(code) if code == exit_codes.INTERRUPTED else code
     prompts = _read_prompts(args)
     model = api.load(args.checkpoint, dtype=args.dtype)
     if args.sharded:
@@ -751,6 +762,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = _run(args)
+    except KeyboardInterrupt:  # commands with work to resume (train, prepare, bulk generate) catch it: exit 75
+        print(f"blt {args.command}: stopped (Ctrl-C)", file=sys.stderr)
+        return _leave_the_job_if_distributed(exit_codes.CANCELLED)
     except Exception:
         _leave_the_job_if_distributed(1, traceback=True)
         raise

@@ -288,12 +288,27 @@ def export_params(src: str | Path, dst: str | Path, step: Optional[int] = None, 
             ckpt.save_params(out / "entropy_model", model.entropy_params)
 
 
+# what a convert writes: a transformers folder (export_hf), or a parameters-only run (import_hf, export_params)
+CONVERT_OUTPUTS = frozenset({"config.json", "generation_config.json", "model.safetensors",
+                             "run.json", "params", "entropy_model"})
+RUN_META = "run.json"  # a blt_jax run (train/checkpoint.RUN_META): a model folder --overwrite may replace
+
+
 def _refuse_existing(dst: str | Path, overwrite: bool, src: str | Path) -> None:
     """Refused before any work is done: an existing non-empty `dst` without `overwrite`, and, even with it, a
-    `dst` that is the source or holds it (replacing `dst` whole would delete the run being converted)."""
+    `dst` that is the source or holds it (replacing `dst` whole would delete the run being converted), or that
+    is not a model folder: `--overwrite` replaces a blt_jax run or an earlier convert's output, never a data
+    store, a file or a folder of other files (a probe: a one-word slip deleted a corpus and a data store)."""
     dst = Path(dst)
     if "://" not in str(src) and dst.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
         raise ValueError(f"{dst}: holds the source {src}, which writing there would delete; choose another folder")
+    if overwrite and dst.exists() and not (dst / RUN_META).is_file():
+        foreign = ["(a file)"] if not dst.is_dir() else sorted(p.name for p in dst.iterdir()
+                                                               if p.name not in CONVERT_OUTPUTS)
+        if foreign:
+            raise ValueError(f"{dst}: is not a model folder (it holds {', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only a run or an "
+                             "earlier convert's output: choose another folder, or remove it yourself")
     if dst.exists() and not overwrite and not dst.is_dir():
         raise FileExistsError(f"{dst}: exists and is a file; pass --overwrite to replace it, or choose a new folder")
     if dst.exists() and not overwrite and any(dst.iterdir()):

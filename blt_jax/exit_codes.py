@@ -15,3 +15,6 @@ ERROR = 2
 # stopped by SIGTERM/SIGINT after saving a checkpoint: run the same command again to resume
 # (sysexits.h EX_TEMPFAIL, "temporary failure; the user is invited to retry")
 INTERRUPTED = 75
+# stopped by SIGINT (Ctrl-C) with nothing to resume (eval, convert, a single generation): 128 + SIGINT, the
+# status a shell reports for a command the signal ended
+CANCELLED = 130

@@ -624,3 +624,45 @@ def test_every_method_equals_api_generate_under_continuous_batching(method):
         cost.pop("seconds")
         assert bulk.cost_of(got[rec["id"]], method, bulk.ParamsForCost.of(model.cfg)) == cost
 
+
+
+@pytest.mark.slow
+def test_a_stopped_two_process_job_ends_and_its_rerun_finishes(job, tmp_path):
+    """A probe: SIGTERM to a 2-process job, while process 0 (its share done) waited in the barrier for process 1,
+    hung both for good: process 1 stopped (status 75), then jax's shutdown waited for process 0, which waited
+    for process 1. Now a stopped process leaves the job at once; the job ends, and the same command again
+    finishes it with every record once."""
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    _, run, _, _ = job
+    # process 0 takes the even records (1 byte each), process 1 the odd ones (long): process 0 finishes first
+    records = [{"id": f"r{i}", "prompt": "abc" * (1 + i % 5), "max_new_bytes": 1 if i % 2 == 0 else 90}
+               for i in range(200)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, str(LAUNCH / "local.py"), "--num-processes", "2", "--devices-per-process", "1", "--",
+               sys.executable, "-m", "blt_jax", "generate", "--checkpoint", run, "--input", str(tmp_path / "in.jsonl"),
+               "--output", str(out), "--batch-size", "1", "--max-positions", "128", "--no-eos-stop", "--no-progress"]
+    part0, part1 = (bulk.part_path(out, p, 2) for p in range(2))
+    lines = lambda p: len(p.read_text().splitlines()) if p.exists() else 0  # noqa: E731
+    with open(tmp_path / "log.txt", "w") as log:
+        launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not (lines(part0) == 100 and lines(part1) >= 1) and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert launcher.poll() is None and lines(part1) < 100, (tmp_path / "log.txt").read_text()[-3000:]
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            code = launcher.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "in.jsonl")])
+            raise AssertionError("the stopped job hung") from None
+    assert code != 0, (tmp_path / "log.txt").read_text()[-3000:]
+    assert "this process's part" in (tmp_path / "log.txt").read_text()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    got = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(got) == sorted(r["id"] for r in records)

@@ -121,6 +121,56 @@ def test_convert_never_replaces_an_existing_run(tiny_runs, tmp_path, capsys):
     assert not (tmp_path / "imported").exists()
 
 
+def test_convert_overwrite_replaces_a_model_folder_only(tiny_runs, tmp_path, capsys):
+    """A probe: `convert --to-hf RUN corpus --overwrite` replaced a folder of the user's texts (and a data
+    store, and a file) with a converted model. --overwrite now replaces a run or an earlier convert's output
+    only; anything else is refused in one line and left as it was."""
+    run = str(tiny_runs[3])
+    corpus, store, afile = tmp_path / "corpus", tmp_path / "store", tmp_path / "afile.txt"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("mine")
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")
+    (store / "train").mkdir()
+    afile.write_text("mine")
+    before = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else b"") for p in tmp_path.rglob("*"))
+    for dst in (corpus, store, afile):
+        for kind in ("--params-only", "--to-hf"):
+            capsys.readouterr()
+            assert main(["convert", kind, run, str(dst), "--overwrite"]) == exit_codes.ERROR
+            err = capsys.readouterr().err
+            assert "is not a model folder" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else b"")
+                  for p in tmp_path.rglob("*")) == before
+    hf = tmp_path / "hf"
+    assert main(["convert", "--to-hf", run, str(hf)]) == 0
+    assert main(["convert", "--to-hf", run, str(hf), "--overwrite"]) == 0  # an earlier convert's output
+
+
+def test_ctrl_c_where_nothing_resumes_is_one_line_and_status_130(monkeypatch, capsys):
+    """A probe: Ctrl-C in `blt eval`, a single `blt generate` or `blt convert` printed a KeyboardInterrupt
+    traceback of 40-50 lines (and often a segfault). Commands with work to resume catch it themselves (75)."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_params", interrupted)
+    try:
+        code = main(["params", "--preset", "tiny"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left the command as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "blt params: stopped (Ctrl-C)\n"
+
+
+def test_a_humaneval_timeout_of_zero_is_refused_before_any_work(capsys):
+    """A probe: `--timeout 0` was accepted, and refused only after every completion had been generated."""
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--checkpoint", "nowhere", "--task", "humaneval", "--timeout", bad])
+        assert e.value.code == exit_codes.ERROR
+        assert "--timeout: must be > 0" in capsys.readouterr().err
+
+
 def test_convert_into_its_own_source_is_refused_even_with_overwrite(tiny_runs, tmp_path, capsys):
     """A probe: `convert --params-only RUN RUN --overwrite` replaced the run with its parameters, deleting its
     checkpoints, optimizer state and metrics (and a folder above the source went the same way)."""

@@ -1041,7 +1041,12 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
                                 defaults=Defaults(args.max_new_bytes, sampling, args.seed), stop_at_eos=stop_at_eos,
                                 ordered=args.ordered, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"blt generate: stopped; every finished record is in {output}: run the same command again to "
+        import jax  # noqa: PLC0415
+
+        processes = jax.process_count()
+        where = (output if processes == 1 else
+                 f"this process's part ({part_path(Path(output), jax.process_index(), processes).name})")
+        print(f"blt generate: stopped; every finished record is in {where}: run the same command again to "
               "continue", file=sys.stderr)
         return exit_codes.INTERRUPTED
     rate = summary["bytes_per_second"]
