@@ -303,12 +303,12 @@ def _refuse_existing(dst: str | Path, overwrite: bool, src: str | Path) -> None:
     if "://" not in str(src) and dst.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
         raise ValueError(f"{dst}: holds the source {src}, which writing there would delete; choose another folder")
     if overwrite and dst.exists() and not (dst / RUN_META).is_file():
-        foreign = ["(a file)"] if not dst.is_dir() else sorted(p.name for p in dst.iterdir()
-                                                               if p.name not in CONVERT_OUTPUTS)
-        if foreign:
-            raise ValueError(f"{dst}: is not a model folder (it holds {', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only a run or an "
-                             "earlier convert's output: choose another folder, or remove it yourself")
+        foreign = None if not dst.is_dir() else sorted(p.name for p in dst.iterdir() if p.name not in CONVERT_OUTPUTS)
+        if foreign is None or foreign:
+            what = ("is a file, not a model folder" if foreign is None else
+                    f"is not a model folder (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
+            raise ValueError(f"{dst}: {what}; --overwrite replaces only a run or an earlier convert's output: "
+                             "choose another folder, or remove it yourself")
     if dst.exists() and not overwrite and not dst.is_dir():
         raise FileExistsError(f"{dst}: exists and is a file; pass --overwrite to replace it, or choose a new folder")
     if dst.exists() and not overwrite and any(dst.iterdir()):

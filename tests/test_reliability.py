@@ -139,7 +139,7 @@ def test_convert_overwrite_replaces_a_model_folder_only(tiny_runs, tmp_path, cap
             capsys.readouterr()
             assert main(["convert", kind, run, str(dst), "--overwrite"]) == exit_codes.ERROR
             err = capsys.readouterr().err
-            assert "is not a model folder" in err and len(err.strip().splitlines()) == 1, err
+            assert "not a model folder" in err and len(err.strip().splitlines()) == 1, err
     assert sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else b"")
                   for p in tmp_path.rglob("*")) == before
     hf = tmp_path / "hf"
