@@ -288,10 +288,9 @@ def export_params(src: str | Path, dst: str | Path, step: Optional[int] = None, 
             ckpt.save_params(out / "entropy_model", model.entropy_params)
 
 
-# what a convert writes: a transformers folder (export_hf), or a parameters-only run (import_hf, export_params)
-CONVERT_OUTPUTS = frozenset({"config.json", "generation_config.json", "model.safetensors",
-                             "run.json", "params", "entropy_model"})
-RUN_META = "run.json"  # a blt_jax run (train/checkpoint.RUN_META): a model folder --overwrite may replace
+# what a convert writes besides run.json: a transformers folder (export_hf), or a parameters-only run
+# (import_hf, export_params)
+CONVERT_OUTPUTS = frozenset({"config.json", "generation_config.json", "model.safetensors", "params", "entropy_model"})
 
 
 def _refuse_existing(dst: str | Path, overwrite: bool, src: str | Path) -> None:
@@ -302,13 +301,16 @@ def _refuse_existing(dst: str | Path, overwrite: bool, src: str | Path) -> None:
     dst = Path(dst)
     if "://" not in str(src) and dst.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
         raise ValueError(f"{dst}: holds the source {src}, which writing there would delete; choose another folder")
-    if overwrite and dst.exists() and not (dst / RUN_META).is_file():
-        foreign = None if not dst.is_dir() else sorted(p.name for p in dst.iterdir() if p.name not in CONVERT_OUTPUTS)
-        if foreign is None or foreign:
-            what = ("is a file, not a model folder" if foreign is None else
-                    f"is not a model folder (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
-            raise ValueError(f"{dst}: {what}; --overwrite replaces only a run or an earlier convert's output: "
-                             "choose another folder, or remove it yourself")
+    from blt_jax.train.checkpoint import RUN_META  # noqa: PLC0415
+
+    if overwrite and dst.exists() and not (dst / RUN_META).is_file():  # not a blt_jax run
+        only = "--overwrite replaces only a run or an earlier convert's output: choose another folder, or remove it"
+        if not dst.is_dir():
+            raise ValueError(f"{dst}: is a file, not a model folder; {only} yourself")
+        foreign = sorted(p.name for p in dst.iterdir() if p.name not in CONVERT_OUTPUTS)
+        if foreign:
+            raise ValueError(f"{dst}: is not a model folder (it holds {', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); {only} yourself")
     if dst.exists() and not overwrite and not dst.is_dir():
         raise FileExistsError(f"{dst}: exists and is a file; pass --overwrite to replace it, or choose a new folder")
     if dst.exists() and not overwrite and any(dst.iterdir()):

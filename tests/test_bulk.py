@@ -11,8 +11,11 @@ two fresh processes) are slow tests."""
 import base64
 import dataclasses
 import json
+import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -632,10 +635,6 @@ def test_a_stopped_two_process_job_ends_and_its_rerun_finishes(job, tmp_path):
     hung both for good: process 1 stopped (status 75), then jax's shutdown waited for process 0, which waited
     for process 1. Now a stopped process leaves the job at once; the job ends, and the same command again
     finishes it with every record once."""
-    import signal  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-    import time  # noqa: PLC0415
-
     _, run, _, _ = job
     # process 0 takes the even records (1 byte each), process 1 the odd ones (long): process 0 finishes first
     records = [{"id": f"r{i}", "prompt": "abc" * (1 + i % 5), "max_new_bytes": 1 if i % 2 == 0 else 90}
