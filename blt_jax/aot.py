@@ -112,16 +112,22 @@ def compile_train_step(cfg: RunConfig, devices: Sequence[Any]) -> dict[str, Any]
     return out
 
 
-def run_aot(cfg: RunConfig, topology: Optional[str] = None, num_slices: int = 1,
+def run_aot(cfg: RunConfig, topology: Optional[str] = None, num_slices: Optional[int] = None,
             cpu_devices: Optional[int] = None) -> dict[str, Any]:
-    """`topology` (a TPU accelerator type) or the local devices (CPU: as many as `cpu_devices` asked for)."""
+    """`topology` (a TPU accelerator type, in `num_slices` slices, default 1) or the local devices (CPU: as
+    many as `cpu_devices` asked for). Each target's setting given with the other is refused, not ignored."""
+    if topology is None and num_slices is not None:
+        raise ConfigError("--num-slices: only with --topology (TPU slices); the local devices are one slice")
+    if topology is not None and cpu_devices is not None:
+        raise ConfigError("--local-cpu-devices: compiles for local CPU devices, --topology for a TPU slice; "
+                          "give one of them")
     if topology is not None:
-        devices = tpu_devices(topology, num_slices)
+        devices = tpu_devices(topology, num_slices or 1)
     else:
         devices = jax.devices()
         if cpu_devices is not None and len(devices) != cpu_devices:
-            raise ConfigError(f"--devices {cpu_devices}: this process has {len(devices)} devices (the count is "
-                              "fixed when jax starts; pass --devices on the command line)")
+            raise ConfigError(f"--local-cpu-devices {cpu_devices}: this process has {len(devices)} devices (the "
+                              "count is fixed when jax starts; pass --local-cpu-devices on the command line)")
     report = compile_train_step(cfg, devices)
     report["topology"] = topology or f"{len(devices)}x{devices[0].platform}"
     return report

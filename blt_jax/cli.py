@@ -148,34 +148,84 @@ def _add_objective_args(p: argparse.ArgumentParser) -> None:
                    help="BLT-D block size B (implies --objective blt-d; default: the config's, else 4)")
 
 
+# Defaults of the generation options that some settings do not read. The options themselves default to None,
+# and these fill in after the checks below, so a value given on the command line is told apart from one left out
+# (`--method ar --alpha 0.7` is refused too, not only `--alpha 0.5`).
+GENERATION_DEFAULTS = {"draft_len": 8, "unmask": "confidence", "alpha": 0.7, "gamma": 1.0, "temperature": 0.0,
+                       "top_k": 0, "top_p": 1.0}
+# The options only some methods read: dest -> (those methods, the --unmask rule that reads it (None: any), what
+# it is for). Given with another method or rule it would be ignored, so it is refused.
+METHOD_OPTIONS = {
+    "draft_len": (("s",), None, "speculative drafting"),
+    "block_size": (("d", "dv"), None, "block diffusion"),
+    "unmask": (("d", "dv"), None, "block diffusion"),
+    "alpha": (("d", "dv"), "confidence", "confidence unmasking"),
+    "gamma": (("d", "dv"), "entropy", "entropy unmasking"),
+}
+SAMPLING_OPTIONS = ("top_k", "top_p")  # read only when --temperature > 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     """How text is generated: one declaration for `blt generate` and the generating `blt eval` tasks."""
+    d = GENERATION_DEFAULTS
     g = p.add_argument_group("generation")
     g.add_argument("--method", default="ar", choices=_DeferredChoices(_generation_methods),
                    help="ar: cached autoregressive; ar-nocache: a full forward per byte; s: BLT-S speculative "
                         "(any BLT); d: BLT-D block diffusion; dv: BLT-D draft + autoregressive verify "
                         "(d and dv need a model trained with --objective blt-d)")
-    g.add_argument("--draft-len", type=positive_int, default=8, help="BLT-S: bytes drafted per round (k)")
+    g.add_argument("--draft-len", type=positive_int,
+                   help=f"BLT-S: bytes drafted per round (k; default {d['draft_len']})")
     g.add_argument("--block-size", type=positive_int, help="BLT-D/DV: block size B (default: the model's)")
-    g.add_argument("--unmask", default="confidence", choices=_DeferredChoices(_unmask_rules),
-                   help="BLT-D/DV unmasking rule")
-    g.add_argument("--alpha", type=finite_float, default=0.7, help="confidence rule: commit cells with p > alpha")
-    g.add_argument("--gamma", type=finite_float, default=1.0, help="entropy rule: cumulative entropy bound")
-    g.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
-    g.add_argument("--top-p", type=finite_float, default=1.0, help="1: off")
+    g.add_argument("--unmask", choices=_DeferredChoices(_unmask_rules),
+                   help=f"BLT-D/DV unmasking rule (default {d['unmask']})")
+    g.add_argument("--alpha", type=finite_float,
+                   help=f"confidence rule: commit cells with p > alpha (default {d['alpha']})")
+    g.add_argument("--gamma", type=finite_float, help=f"entropy rule: cumulative entropy bound (default {d['gamma']})")
+    g.add_argument("--temperature", type=finite_float, help="0 (the default): greedy")
+    g.add_argument("--top-k", type=non_negative_int, help="sampling (--temperature > 0): 0 (the default): off")
+    g.add_argument("--top-p", type=finite_float, help="sampling (--temperature > 0): 1 (the default): off")
     g.add_argument("--no-eos-stop", action="store_true", help="always generate the whole byte budget")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="weights and caches during generation (bfloat16 halves the bytes a step reads)")
 
 
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _generation_value(args, dest: str):
+    value = getattr(args, dest)
+    return GENERATION_DEFAULTS.get(dest) if value is None else value
+
+
+def _refuse_unread_generation_options(args, *, method_fixed: bool = True, sampling_fixed: bool = True) -> None:
+    """Refuse a generation option given on the command line that the chosen method, unmasking rule or
+    temperature never reads. `method_fixed` False (`blt serve`: a request names its method) checks only the
+    unmasking rule; `sampling_fixed` False (a request or record may set its own temperature) skips top-k/p."""
+    rule = _generation_value(args, "unmask")
+    for dest, (methods, rule_reads, what) in METHOD_OPTIONS.items():
+        if getattr(args, dest) is None:
+            continue
+        if method_fixed and args.method not in methods:
+            raise ValueError(f"{_option(dest)} is an option of --method {'/'.join(methods)} ({what}); "
+                             f"--method {args.method} does not read it")
+        if rule_reads is not None and rule != rule_reads:
+            raise ValueError(f"{_option(dest)} is an option of --unmask {rule_reads}; --unmask {rule} does not "
+                             "read it")
+    given = [_option(dest) for dest in SAMPLING_OPTIONS if getattr(args, dest) is not None]
+    if sampling_fixed and given and _generation_value(args, "temperature") == 0:
+        raise ValueError(f"{' and '.join(given)} shape sampling, but --temperature is 0 (greedy: the likeliest "
+                         "byte, always); set --temperature > 0 or drop them")
+
+
 def _generation_kwargs(args) -> dict:
-    """The options of `_add_generation_args` as `api.generate` keyword arguments."""
+    """The options of `_add_generation_args` as `api.generate` keyword arguments (defaults filled in)."""
     from blt_jax.generation import api  # noqa: PLC0415
 
-    return dict(method=args.method, draft_len=args.draft_len, block_size=args.block_size,
-                sampling=api.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-                unmask=api.UnmaskConfig(rule=args.unmask, alpha=args.alpha, gamma=args.gamma),
+    v = lambda dest: _generation_value(args, dest)  # noqa: E731
+    return dict(method=args.method, draft_len=v("draft_len"), block_size=args.block_size,
+                sampling=api.SamplingConfig(temperature=v("temperature"), top_k=v("top_k"), top_p=v("top_p")),
+                unmask=api.UnmaskConfig(rule=v("unmask"), alpha=v("alpha"), gamma=v("gamma")),
                 stop_at_eos=not args.no_eos_stop)
 
 
@@ -433,6 +483,8 @@ def _refuse_options_of_other_tasks(args) -> None:
 
 def cmd_eval(args) -> int:
     _refuse_options_of_other_tasks(args)
+    if "method" in EVAL_OPTIONS[args.task]:
+        _refuse_unread_generation_options(args)
     if args.task == "heldout":
         from blt_jax.evaluate import heldout_bpb, unigram_bpb  # noqa: PLC0415
         from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
@@ -449,6 +501,9 @@ def cmd_eval(args) -> int:
     if args.task in ("translate", "mc-gettext"):
         translation.catalog_files(args.lang)  # before loading the model: no catalogs -> an error at once
     ks = _pass_at_ks(args) if args.task == "humaneval" else ()
+    if args.task == "humaneval" and args.samples > 1 and _generation_value(args, "temperature") == 0:
+        raise ValueError(f"--samples {args.samples}: at --temperature 0 (greedy, the default) every sample of a "
+                         "problem is the same, so pass@k would score one sample; set --temperature (e.g. 0.8)")
     model = api.load(args.checkpoint, dtype=args.dtype)
     result = _run_task(args, model, _generation_kwargs(args), ks)
     if not args.json:
@@ -542,7 +597,10 @@ def _read_prompts(args) -> list[bytes]:
 def cmd_generate(args) -> int:
     from blt_jax.generation import api, bulk  # noqa: PLC0415
 
-    if any(getattr(args, option) for option in bulk.BULK_OPTIONS):  # a JSON Lines file, continuous batching
+    bulk_mode = any(getattr(args, option) for option in bulk.BULK_OPTIONS)
+    # a record's own temperature reads --top-k/--top-p (they are the records' defaults), even at --temperature 0
+    _refuse_unread_generation_options(args, sampling_fixed=not bulk_mode)
+    if bulk_mode:  # a JSON Lines file, continuous batching
         with sigterm_as_interrupt():  # a scheduler's stop ends it like Ctrl-C: finished records kept, exit 75
             code = bulk.command(args, **_generation_kwargs(args))
         # a stopped process of a multi-process job leaves it at once: a peer that finished its share waits in a
@@ -615,6 +673,8 @@ def _generate_parser(sub) -> None:
 def cmd_serve(args) -> int:
     from blt_jax import serve  # noqa: PLC0415
 
+    # the options are the requests' defaults: a request names its method and may set a temperature
+    _refuse_unread_generation_options(args, method_fixed=False, sampling_fixed=False)
     return serve.command(args, **_generation_kwargs(args))
 
 
@@ -687,8 +747,8 @@ def _aot_parser(sub) -> None:
     _add_objective_args(a)
     a.add_argument("--topology", help="a TPU accelerator type, e.g. v5p-256, v6e-256 (needs libtpu: "
                                       "pip install 'jax[tpu]'); default: this machine's devices")
-    a.add_argument("--num-slices", type=positive_int, default=1,
-                   help="TPU slices (multi-slice; set mesh.dcn_parallelism)")
+    a.add_argument("--num-slices", type=positive_int,
+                   help="with --topology: TPU slices (multi-slice; set mesh.dcn_parallelism; default 1)")
     a.add_argument("--local-cpu-devices", type=positive_int, help="compile for this many virtual CPU devices instead")
     a.set_defaults(fn=cmd_aot)
 

@@ -165,3 +165,91 @@ def test_choices_come_from_the_code_that_defines_them():
     assert list(gen["--unmask"].choices) == list(typing.get_args(typing.get_type_hints(api.UnmaskConfig)["rule"]))
     assert list(_options("train")["--what"].choices) == list(KINDS)
     assert list(_options("train")["--preset"].choices) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("given, named", [
+    (["--method", "ar", "--alpha", "0.7"],  # the default value, given: still refused
+     "--alpha is an option of --method d/dv (confidence unmasking); --method ar does not read it"),
+    (["--draft-len", "4"], "--draft-len is an option of --method s (speculative drafting); --method ar does not"),
+    (["--method", "d", "--draft-len", "4"], "--draft-len is an option of --method s"),
+    (["--method", "s", "--gamma", "2"], "--gamma is an option of --method d/dv (entropy unmasking); --method s"),
+    (["--method", "s", "--block-size", "4"], "--block-size is an option of --method d/dv (block diffusion)"),
+    (["--method", "ar-nocache", "--unmask", "entropy"], "--unmask is an option of --method d/dv"),
+    (["--method", "d", "--unmask", "entropy", "--alpha", "0.5"],
+     "--alpha is an option of --unmask confidence; --unmask entropy does not read it"),
+    (["--method", "dv", "--gamma", "2"], "--gamma is an option of --unmask entropy; --unmask confidence does not"),
+    (["--method", "d", "--unmask", "one_step", "--alpha", "0.5"], "--unmask one_step does not read it"),
+    (["--top-p", "0.9"], "--top-p shape sampling, but --temperature is 0"),
+    (["--temperature", "0", "--top-k", "5", "--top-p", "0.9"], "--top-k and --top-p shape sampling, but"),
+])
+@pytest.mark.parametrize("command", [["generate", "abc"], ["eval", "--task", "continuation"]])
+def test_generation_options_the_settings_do_not_read_are_refused(command, given, named, capsys):
+    """A probe: `blt generate --method ar --draft-len 4 --alpha 0.1` (and `--top-p 0.9` at temperature 0) ran
+    and exited 0 as if they did something. Refused in one line, before the model loads (no run here)."""
+    assert main([command[0], "--checkpoint", "no-such-run", *command[1:], *given]) == 2
+    err = capsys.readouterr().err
+    assert err == f"blt {command[0]}: error: " + err.split(": error: ", 1)[1] and err.count("\n") == 1, err
+    assert named in err, err
+
+
+@pytest.mark.parametrize("given", [["--method", "s", "--draft-len", "4"],
+                                   ["--method", "d", "--unmask", "entropy", "--gamma", "2", "--block-size", "4"],
+                                   ["--method", "dv", "--alpha", "0.5", "--unmask", "confidence"],
+                                   ["--temperature", "0.8", "--top-k", "5", "--top-p", "0.9"]])
+def test_generation_options_the_settings_read_are_taken(given):
+    args = cli.build_parser().parse_args(["generate", "--checkpoint", "run", *given])
+    cli._refuse_unread_generation_options(args)  # noqa: SLF001
+    kwargs = cli._generation_kwargs(args)  # noqa: SLF001
+    assert kwargs["method"] == args.method and kwargs["draft_len"] == (args.draft_len or 8)
+    assert kwargs["sampling"].top_p == (args.top_p or 1.0) and kwargs["unmask"].rule == (args.unmask or "confidence")
+
+
+def test_records_and_requests_keep_the_options_they_may_read(capsys):
+    """A record (`--input`) or a request (`blt serve`) may set its own temperature, and a request its method:
+    there --top-p at temperature 0 and --draft-len with --method ar are their defaults, not ignored; the
+    unmasking rule is the server's alone, so its options are checked."""
+    args = cli.build_parser().parse_args(["generate", "--checkpoint", "run", "--input", "x.jsonl", "--top-p", "0.9"])
+    cli._refuse_unread_generation_options(args, sampling_fixed=False)  # noqa: SLF001
+    args = cli.build_parser().parse_args(["serve", "--checkpoint", "run", "--draft-len", "4", "--top-k", "3"])
+    cli._refuse_unread_generation_options(args, method_fixed=False, sampling_fixed=False)  # noqa: SLF001
+    assert main(["serve", "--checkpoint", "no-such-run", "--unmask", "entropy", "--alpha", "0.5"]) == 2
+    assert "--alpha is an option of --unmask confidence" in capsys.readouterr().err
+
+
+def test_humaneval_refuses_several_greedy_samples(capsys):
+    """A probe: `--task humaneval --samples 3` at the default temperature 0 made three identical completions
+    per problem, so pass@k scored one sample. Refused before the model loads."""
+    assert main(["eval", "--checkpoint", "no-such-run", "--task", "humaneval", "--samples", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blt eval: error: --samples 3: at --temperature 0") and err.count("\n") == 1, err
+    assert "set --temperature" in err
+    assert main(["eval", "--checkpoint", "no-such-run", "--task", "humaneval", "--samples", "3",
+                 "--temperature", "0.8"]) == 2
+    assert "--samples" not in capsys.readouterr().err  # sampled: past the check (then: no such run)
+
+
+def test_aot_refuses_an_option_of_the_other_target(capsys):
+    """A probe: `blt aot --num-slices 4` without --topology compiled for the local devices and said nothing;
+    --local-cpu-devices with --topology was as silently ignored."""
+    assert main(["aot", "--preset", "tiny", "--num-slices", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err == "blt aot: error: --num-slices: only with --topology (TPU slices); the local devices are one slice\n"
+    # a fresh process: --local-cpu-devices is set before jax starts its backends
+    proc = subprocess.run([sys.executable, "-m", "blt_jax", "aot", "--preset", "tiny", "--topology", "v5p-8",
+                           "--local-cpu-devices", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("blt aot: error: --local-cpu-devices: compiles for "
+                                                           "local CPU devices, --topology for a TPU slice"), proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_a_data_path_that_is_no_file_nor_folder_is_named_as_such(tmp_path, capsys):
+    """A probe: `blt prepare --data /dev/null` said the path does not exist."""
+    assert main(["prepare", "--data", "/dev/null", "--store", str(tmp_path / "store"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == "blt prepare: error: data path is not a regular file or folder: /dev/null\n"
+    assert not (tmp_path / "store").exists()
+
+
+def test_bpb_names_a_path_that_is_no_file_nor_folder(tiny_runs, capsys):
+    assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "bpb", "--files", "/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert "/dev/null" in err and "not a regular file or folder" in err and err.count("\n") == 1, err

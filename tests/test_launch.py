@@ -285,14 +285,19 @@ def test_the_image_leaves_out_what_it_does_not_need():
 
 # ---- local.py and the distributed start-up ------------------------------------------------------------------
 
-def test_local_launcher_ends_the_job_when_any_process_fails(tmp_path):
-    """Process 1 fails while process 0 would run for minutes: the launcher stops process 0 at once and
-    returns process 1's status (it used to poll only the first running process)."""
+def _local():
     sys.path.insert(0, str(LAUNCH))
     try:
-        import local  # noqa: PLC0415
+        import local  # noqa: PLC0415 (launch/ is not a package: imported from its folder)
     finally:
         sys.path.remove(str(LAUNCH))
+    return local
+
+
+def test_local_launcher_ends_the_job_when_any_process_fails(tmp_path, capsys):
+    """Process 1 fails while process 0 would run for minutes: the launcher stops process 0 at once and
+    returns process 1's status (it used to poll only the first running process), and names process 1."""
+    local = _local()
     marker = tmp_path / "process0-finished"
     script = ("import os, sys, time\n"
               "if os.environ['BLT_PROCESS_ID'] == '1':\n    time.sleep(0.5)\n    sys.exit(3)\n"
@@ -302,16 +307,66 @@ def test_local_launcher_ends_the_job_when_any_process_fails(tmp_path):
         code = local.launch([sys.executable, "-c", script], 2, 1, timeout=100, out=f)
     assert code == 3
     assert not marker.exists()  # process 0 was stopped, not waited for
+    assert capsys.readouterr().err == "launch/local.py: process 1 of 2 exited with status 3; the others were stopped\n"
+
+
+def test_local_launcher_names_the_process_that_died_first(tmp_path, capsys):
+    """A probe: SIGKILL to process 1 of a 2-process job; the only line said process 0 failed (a Gloo error: its
+    peer was gone), nothing about process 1. Here process 0 fails the same way once process 1 is gone: the
+    launcher names process 1, the first to end, and how it ended, and returns its status."""
+    local = _local()
+    pid_file = tmp_path / "pid1"
+    script = ("import os, signal, sys, time\n"
+              "if os.environ['BLT_PROCESS_ID'] == '1':\n"
+              f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "def gone():\n"
+              f"    if not os.path.exists({str(pid_file)!r}): return False\n"
+              "    try:\n"
+              f"        os.kill(int(open({str(pid_file)!r}).read()), 0)\n"
+              "    except (ProcessLookupError, ValueError):\n"
+              "        return True\n"
+              "    return False\n"
+              "deadline = time.time() + 60\n"
+              "while not gone() and time.time() < deadline:\n"
+              "    time.sleep(0.01)\n"
+              "print('RuntimeError: Gloo: connection closed by peer', flush=True)\n"
+              "sys.exit(1)\n")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        code = local.launch([sys.executable, "-c", script], 2, 1, timeout=100, out=f)
+    assert code == -signal.SIGKILL, out.read_text()
+    err = capsys.readouterr().err
+    assert err.startswith("launch/local.py: process 1 of 2 was killed by SIGKILL") and err.count("\n") == 1, err
+
+
+def test_local_launcher_says_when_its_timeout_stopped_the_job(tmp_path, capsys):
+    local = _local()
+    with open(tmp_path / "out.txt", "w") as f:
+        code = local.launch([sys.executable, "-c", "import time; time.sleep(60)"], 2, 1, timeout=1, out=f)
+    assert code == 124
+    assert capsys.readouterr().err == "launch/local.py: --timeout 1 s passed; the processes were stopped\n"
+
+
+def test_local_launcher_help_describes_its_options_with_an_example():
+    """A probe: `launch/local.py --help` printed only a usage line (and exit status 2)."""
+    proc = subprocess.run([sys.executable, str(LAUNCH / "local.py"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("joined by `jax.distributed`", "--num-processes", "--devices-per-process", "--timeout", "--port",
+                 "example", "-- \\\n      blt train"):
+        assert text in proc.stdout, text
+    proc = subprocess.run([sys.executable, str(LAUNCH / "local.py"), "--num-processes", "2"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == ("launch/local.py: error: give the command to run after --, e.g. "
+                                            "launch/local.py --num-processes 2 -- blt params")
 
 
 def test_local_launcher_finds_blt_beside_its_python_and_refuses_a_missing_command(tmp_path, monkeypatch, capsys):
     """A probe: `.venv/bin/python launch/local.py -- blt ...` without the venv on PATH ended in a
     FileNotFoundError traceback (and so did any misspelt command)."""
-    sys.path.insert(0, str(LAUNCH))
-    try:
-        import local  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(LAUNCH))
+    local = _local()
     monkeypatch.setenv("PATH", str(tmp_path))  # neither blt nor anything else on PATH
     assert local.resolve("blt") == str(Path(sys.executable).parent / "blt")
     out = tmp_path / "out.txt"

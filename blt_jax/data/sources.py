@@ -99,7 +99,8 @@ def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike |
     folder given, a file's own folder, or a pattern's folder before its first wildcard; the innermost of them
     when several inputs name the file, so adding or removing other inputs never moves a file between the
     training and held-out splits. Empty files and binary plain files (a NUL in the first 8 KB) are skipped; a
-    path that does not exist, a pattern that matches nothing and an input with no readable file are refused.
+    path that does not exist or is neither a file nor a folder (/dev/null), a pattern that matches nothing
+    and an input with no readable file are refused.
     Files under the folder `exclude` (a store being written inside an input) are left out."""
     given = [str(p) for p in paths]
     skip = Path(exclude).resolve() if exclude is not None and "://" not in os.fspath(exclude) else None
@@ -120,6 +121,8 @@ def find_inputs(paths: Iterable[str | os.PathLike], exclude: str | os.PathLike |
             if not candidates:
                 raise FileNotFoundError(f"no files match {item}")
             root = _pattern_root(item)
+        elif p.exists():  # /dev/null, a pipe, a socket: there, so "does not exist" would mislead
+            raise ValueError(f"data path is not a regular file or folder: {item}")
         else:
             raise FileNotFoundError(f"data path does not exist: {item}")
         if skip is not None and root.is_relative_to(skip):
