@@ -21,11 +21,34 @@ import numpy as np
 from flax import nnx
 
 from blt_jax import model as model_lib
-from blt_jax.config import BLTConfig, DataConfig, EntropyModelConfig, PatchingConfig, RunConfig, StackConfig
+from blt_jax.config import (BLTConfig, DataConfig, DiffusionConfig, EntropyModelConfig, PatchingConfig, RunConfig,
+                            StackConfig)
 
 
 class UnsupportedConfig(ValueError):
     """A transformers config value (or tensor) blt_jax cannot represent exactly; the message names it."""
+
+
+# config.json's key for what transformers has no field for (it keeps unknown keys as attributes, unused): a
+# BLT-D model's diffusion settings, so an export imported back can still run --method d/dv with its block size
+EXTRA_KEY = "blt_jax"
+
+
+def _diffusion_from_hf(hf: dict) -> DiffusionConfig:
+    extra = hf.get(EXTRA_KEY) or {}
+    d = extra.get("diffusion") if isinstance(extra, dict) else None
+    if d is None:
+        return DiffusionConfig()
+    if not isinstance(d, dict):
+        raise UnsupportedConfig(f"{EXTRA_KEY}.diffusion: expected an object of DiffusionConfig fields, got {d!r}")
+    try:
+        diffusion = DiffusionConfig(**d)
+    except TypeError:
+        known = {f.name for f in dataclasses.fields(DiffusionConfig)}
+        raise UnsupportedConfig(f"{EXTRA_KEY}.diffusion.{sorted(set(d) - known)[0]}: not a diffusion setting "
+                                f"(known: {', '.join(sorted(known))})") from None
+    diffusion.validate(f"{EXTRA_KEY}.diffusion")
+    return diffusion
 
 
 # ---- configs ----------------------------------------------------------------------------------------------
@@ -92,6 +115,7 @@ def config_from_hf(hf: dict) -> BLTConfig:
         hash_vocab=int(hf.get("encoder_hash_byte_group_vocab", 500_002)),
         hash_functions=int(hf.get("encoder_hash_byte_group_nb_functions", 1)),
         document_masking=False,  # transformers attends across BOS; keep its semantics exactly
+        diffusion=_diffusion_from_hf(hf),
     )
     cfg.validate("model")
     return cfg
@@ -115,6 +139,7 @@ def config_to_hf(cfg: BLTConfig) -> dict:
                 "rope_parameters": {"rope_type": "default", "rope_theta": s.rope_theta}, **extra}
 
     g = cfg.global_model.dim
+    blt_only = {EXTRA_KEY: {"diffusion": dataclasses.asdict(cfg.diffusion)}} if cfg.diffusion.enabled else {}
     return {
         "model_type": "blt", "architectures": ["BltForCausalLM"], "vocab_size": cfg.vocab_size,
         "patch_in_forward": cfg.patching.mode == "entropy", "patching_mode": cfg.patching.mode,
@@ -131,6 +156,7 @@ def config_to_hf(cfg: BLTConfig) -> dict:
         "global_config": sub(cfg.global_model),
         "patcher_config": sub(cfg.entropy_model.stack, sliding_window=cfg.entropy_model.stack.window,
                               vocab_size=cfg.entropy_model.vocab_size),
+        **blt_only,
     }
 
 

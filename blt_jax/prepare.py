@@ -290,13 +290,18 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
                                 for q in range(procs.count)]
 
     threshold = plan.options["heldout_fraction"]
-    arrays, report, reports = tokenise(threshold, "")
-    moved = _one_sided_threshold(plan, reports)
-    if moved is not None:  # every process sees the same reports, so all of them tokenise again
-        threshold = moved
-        procs.barrier("blt_jax: prepare: reports read")  # nobody rewrites a report another is still reading
-        arrays, report, reports = tokenise(threshold, " again")
-    manifest = _manifest(root, plan, reports, threshold)
+    try:
+        arrays, report, reports = tokenise(threshold, "")
+        moved = _one_sided_threshold(plan, reports)
+        if moved is not None:  # every process sees the same reports, so all of them tokenise again
+            threshold = moved
+            procs.barrier("blt_jax: prepare: reports read")  # nobody rewrites a report another is still reading
+            arrays, report, reports = tokenise(threshold, " again")
+        manifest = _manifest(root, plan, reports, threshold)
+    except BaseException:  # a bad input, Ctrl-C: the old store is untouched, so leave nothing of the new one
+        if staged:
+            _drop_staging(root, procs)
+        raise
     if staged:
         procs.barrier("blt_jax: prepare: corpus staged")  # the old store goes only once every share is read
         if procs.index == 0:
@@ -312,6 +317,19 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
         store.write_json(root, store.MANIFEST, manifest)
     procs.barrier("blt_jax: prepare: manifest written")
     return manifest
+
+
+def _drop_staging(root: str, procs: Processes) -> None:
+    """Remove what this process staged: all of `_staging/` when it is the only process (earlier leftovers
+    too), else only its own part (a peer may still be writing its own)."""
+    mine = f"{procs.index}-of-{procs.count}"
+    prefixes = ([f"{store.STAGING}/"] if procs.count == 1
+                else [f"{store.STAGING}/{mine}/", f"{store.STAGING}/report-{mine}.json"])
+    try:
+        for prefix in prefixes:
+            store.delete_prefix(root, prefix)
+    except Exception:  # the error that brought us here is the one to report, not this one
+        pass
 
 
 def _assemble(root: str, reports: list[dict], procs: Processes, shard: int) -> None:

@@ -2,6 +2,9 @@
 import -> same patches and logits; greedy generation equals transformers' generate; export -> transformers
 reloads it bit for bit."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +13,13 @@ import pytest
 import hf_models
 from blt_jax import convert
 from blt_jax.cli import main
+from blt_jax.config import ConfigError, get_preset
 from blt_jax.generation import api
 from blt_jax.generation.forward import compute_patch_starts, forward
 from blt_jax.generation.sampling import SamplingConfig
 from blt_jax.patching import patch_ids, patch_lengths
+from blt_jax.train import checkpoint as ckpt
+from test_samplers import random_model
 
 torch = pytest.importorskip("torch", reason="install the test extra: pip install -e '.[test]'")
 torch.set_num_threads(1)
@@ -120,3 +126,30 @@ def test_eval_of_an_imported_model_asks_for_a_store(converted, capsys):
     assert main(["eval", "--checkpoint", str(base / "ours")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "imported from transformers" in err and "pass --store" in err, err
+
+
+def test_a_blt_d_run_keeps_its_diffusion_settings_through_export_and_import(tmp_path):
+    """A probe: a BLT-D run exported with `blt convert --to-hf` and imported back lost diffusion.block_size
+    (transformers has no field for it), silently: the import could no longer run --method d/dv with it. The
+    export records it under config.json's `blt_jax` key, which transformers keeps and ignores."""
+    model = random_model(max_patch_length=None, block_size=4)  # no max_patch_length: cached methods run it
+    run = tmp_path / "run"
+    ckpt.write_run_meta(run, "blt", dataclasses.replace(get_preset("tiny"), model=model.cfg))
+    ckpt.save_params(run / "params", model.params)
+    ckpt.save_params(run / "entropy_model", model.entropy_params)
+    assert main(["convert", "--to-hf", str(run), str(tmp_path / "hf")]) == 0
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = api.load(str(tmp_path / "back"))
+    assert back.cfg.diffusion.block_size == 4 and back.cfg.diffusion == model.cfg.diffusion
+    assert api.method_config(back, "dv").block_size == 4
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["blt_jax"] == {"diffusion": dataclasses.asdict(model.cfg.diffusion)}
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # still loads in transformers
+    # a plain BLT's export carries no such key; bad values are refused by name
+    assert "blt_jax" not in convert.config_to_hf(dataclasses.replace(model.cfg, diffusion=type(model.cfg.diffusion)()))
+    with pytest.raises(ConfigError, match=r"^blt_jax\.diffusion\.block_size: must be"):
+        convert.config_from_hf({**hf_cfg, "blt_jax": {"diffusion": {"block_size": -1}}})
+    with pytest.raises(convert.UnsupportedConfig, match=r"^blt_jax\.diffusion\.blocks: not a diffusion setting"):
+        convert.config_from_hf({**hf_cfg, "blt_jax": {"diffusion": {"blocks": 4}}})

@@ -146,6 +146,31 @@ def test_a_failed_overwrite_leaves_the_old_store_as_it_was(tmp_path, capsys):
     assert not [p for p in Path(root).rglob("*") if p.is_file() and store.STAGING in p.parts]
 
 
+def test_a_failed_overwrite_leaves_no_staging_behind(tmp_path, capsys, monkeypatch):
+    """A probe: the failed `--overwrite` above left the new corpus's partial tokens in `_staging/` inside the
+    store, for good (a re-run of the old corpus keeps the store as it is): now a failure before the old store
+    is replaced, a bad input or Ctrl-C, takes the staging with it and leaves the store exactly as it was."""
+    root, new, whole = _store_and_a_corpus_that_fails(tmp_path)
+    before = _contents(root)
+    files_before = sorted(p.relative_to(root) for p in Path(root).rglob("*"))
+    assert main(["prepare", "--data", str(new), "--store", root, "--overwrite", "--no-progress"]) == 2
+    assert "zz.txt.gz: truncated or corrupt gzip file" in capsys.readouterr().err
+    assert not (Path(root) / store.STAGING).exists()
+    assert sorted(p.relative_to(root) for p in Path(root).rglob("*")) == files_before
+    _assert_unchanged(root, before)
+
+    (new / "zz.txt.gz").write_bytes(whole)
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the new corpus is read: after its staging arrays exist
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_tokenize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_corpus(root, [str(new)], overwrite=True, shard_tokens=SHARD)
+    assert not (Path(root) / store.STAGING).exists()
+    _assert_unchanged(root, before)
+
+
 def test_a_failed_overwrite_by_two_processes_leaves_the_old_store_as_it_was(tmp_path):
     """The same with two processes: the second one's share holds the truncated file, and the first, which
     removes the old store, never does; with the file mended they write what one process writes. The failing

@@ -2,6 +2,7 @@
 the chain rule and batch/bucket independence; multiple choice against a hand computation; HumanEval's
 checker on canonical, wrong and non-terminating code; sacrebleu and gettext pairs; clear errors."""
 
+import dataclasses
 import json
 import math
 import struct
@@ -15,6 +16,7 @@ import pytest
 
 from blt_jax.cli import main
 from blt_jax.generation import api
+from blt_jax.generation.loaded import from_params
 from blt_jax.generation.forward import forward
 from blt_jax.tasks import code, continuation, multiple_choice, scoring, translation
 from blt_jax.tokenizer import BOE_ID, BOS_ID, encode
@@ -92,6 +94,78 @@ def test_bits_per_byte_over_windows_matches_hand_computation(model, tiny_runs, t
                  "--window", "64"]) == 0
     cli = json.loads(capsys.readouterr().out)
     assert cli["bits_per_byte"] == pytest.approx(hand, rel=1e-6) and cli["bytes"] == 161
+
+
+def _real_text(n: int) -> bytes:
+    import sysconfig  # noqa: PLC0415
+
+    return (Path(sysconfig.get_paths()["stdlib"]) / "json" / "encoder.py").read_bytes()[:n]
+
+
+def test_long_windows_score_in_chunks_as_the_dense_forward_does(model, monkeypatch):
+    """A probe: `blt eval --task bpb --window 100000` ran out of memory: every window went through one dense
+    forward, whose global attention grows with batch x window^2. Buckets past DENSE_MAX_BUCKET now go
+    through the engine's caches in chunks; where both fit, the scores agree."""
+    doc = _real_text(1600)  # windows of 1000 and 600 bytes: one 1024 bucket, rows of unequal length + padding rows
+    dense = scoring.bits_per_byte(model, [doc], window=1000, batch_size=4)
+    dense_lps = scoring.byte_logprobs(model, [doc[:1000], doc[1000:]], batch_size=4, max_bytes=1000)
+
+    def no_dense(*args):
+        raise AssertionError("a bucket past DENSE_MAX_BUCKET ran the dense forward")
+
+    monkeypatch.setattr(scoring, "DENSE_MAX_BUCKET", 64)
+    monkeypatch.setattr(scoring, "_logprobs", no_dense)
+    chunked = scoring.bits_per_byte(model, [doc], window=1000, batch_size=4)  # 4 chunks of 256 bytes
+    chunked_lps = scoring.byte_logprobs(model, [doc[:1000], doc[1000:]], batch_size=4, max_bytes=1000)
+    assert chunked["bytes"] == dense["bytes"] == 1600 and chunked["windows"] == 2
+    assert chunked["bits_per_byte"] == pytest.approx(dense["bits_per_byte"], abs=1e-5)
+    for a, b in zip(chunked_lps, dense_lps, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+
+
+def test_chunked_scoring_memory_grows_linearly_with_the_window(model):
+    """What the chunked path compiles for a bucket 4x longer needs about 4x the memory (the dense forward:
+    16x), so every window up to MAX_WINDOW fits where its caches do."""
+    def temp_bytes(S):
+        x = jnp.zeros((1, S), jnp.int32)
+        compiled = scoring._chunked_logprobs.lower(model.spec, model.all_params(), x, x,
+                                                   jnp.zeros((1,), jnp.int32)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(8192), temp_bytes(32768)
+    assert large < 6 * small, (small, large)
+
+
+def test_a_window_past_the_limit_is_a_one_line_error_before_any_work(model, tiny_runs, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^--window 100000: more than the limit of 65536 bytes .*; lower --window$"):
+        scoring.bits_per_byte(model, [b"a short text"], window=100_000)
+    (tmp_path / "a.txt").write_bytes(b"a short text\n")
+    assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "bpb", "--files", str(tmp_path),
+                 "--window", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--window 100000" in err and "65536" in err, err
+    # transformers' post-hoc patch splitting cannot run through the caches: its windows stop at the dense limit
+    cfg = model.cfg
+    split = dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, drop_trailing_patch=True))
+    imported = from_params(split, model.params, model.entropy_params)
+    with pytest.raises(ValueError, match=r"^--window 5000: more than the limit of 4096 bytes \(this model, imported"):
+        scoring.bits_per_byte(imported, [b"a short text"], window=5000)
+    with pytest.raises(ValueError, match=r"text 0 has 5000 bytes, more than the limit of 4096"):
+        scoring.byte_logprobs(imported, [b"x" * 5000], max_bytes=8192)
+
+
+def test_running_out_of_memory_in_bpb_names_the_options_bpb_takes(tiny_runs, tmp_path, capsys, monkeypatch):
+    """The out-of-memory advice named --max-positions and --max-new-bytes, which --task bpb refuses."""
+    def oom(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 137438953472 bytes.")
+
+    (tmp_path / "a.txt").write_bytes(b"a short text\n")
+    monkeypatch.setattr(scoring, "_logprobs", oom)
+    assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "bpb", "--files", str(tmp_path),
+                 "--window", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory" in err and err.rstrip().endswith("lower --batch-size or --window")
+    assert "--max-positions" not in err, err
 
 
 def test_multiple_choice_matches_byte_logprobs_and_prefers_real_text(model):

@@ -21,6 +21,7 @@ present with complete entropies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -80,8 +81,13 @@ def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
 
 
 def delete_prefix(root: str | os.PathLike, prefix: str) -> None:
-    """Delete every key under `prefix` (a folder name ending in '/', or one key)."""
+    """Delete every key under `prefix` (a folder name ending in '/', or one key), and a local folder it empties
+    (tensorstore removes the folders below it, not that one)."""
     _kvstore(root).delete_range(_prefix_range(prefix)).result()
+    spec = kvstore_spec(root)
+    if prefix.endswith("/") and spec.get("driver") == "file":
+        with contextlib.suppress(OSError):  # gone already, or not empty (another writer's keys): leave it
+            os.rmdir(os.path.join(spec["path"], prefix))
 
 
 def write_json(root: str | os.PathLike, key: str, value) -> None:

@@ -1,10 +1,14 @@
-"""Per-byte log-likelihoods of texts under a BLT: one jitted causal forward per (batch, length) bucket.
+"""Per-byte log-likelihoods of texts under a BLT: one jitted causal pass per (batch, length) bucket.
 
 Every text is scored as BOS + its bytes; entry i of a text's result is log2 p(byte_i | BOS, bytes_<i).
 The model's own entropy patching runs in-forward (the same `forward` generation uses); BLT-D models are
 scored in their causal (next-byte) mode, i.e. exactly this path. Right padding never changes the scores of
 earlier positions (patching and attention are causal), so a text's scores do not depend on its batch or
 bucket.
+
+Buckets up to DENSE_MAX_BUCKET bytes run one full forward (its global attention is O(S^2) per row); longer
+ones go through the generation engine's caches in SCORE_CHUNK-byte chunks (`engine.extend`, as a prompt's
+prefill does), so memory grows linearly with the bucket, up to MAX_WINDOW bytes.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blt_jax.config import ConfigError
+from blt_jax.generation import engine
 from blt_jax.generation.forward import forward
-
 from blt_jax.generation.loaded import LoadedModel, ModelSpec
+from blt_jax.generation.prompts import LENGTH_BUCKETS
+from blt_jax.generation.samplers import check_cached
 from blt_jax.tokenizer import BOE_ID, BOS_ID, OFFSET
 
 MIN_BUCKET = 64
 DEFAULT_MAX_BYTES = 4096
+# the longest bucket run as one full forward: its global attention holds batch x heads x S^2 scores
+DENSE_MAX_BUCKET = 4096
+SCORE_CHUNK = 256  # bytes per engine step of a longer bucket: O(chunk x S) attention, not O(S^2)
+# the longest window scored (generation's position limit too): the engine's caches grow linearly with it
+MAX_WINDOW = LENGTH_BUCKETS[-1]
 
 
 def _as_bytes(text: bytes | str, i: int) -> bytes:
@@ -50,20 +62,59 @@ def _logprobs(spec: ModelSpec, params: dict, inputs: jax.Array, targets: jax.Arr
     return picked / jnp.log(2.0)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _chunked_logprobs(spec: ModelSpec, params: dict, inputs: jax.Array, targets: jax.Array,
+                      lengths: jax.Array) -> jax.Array:
+    """`_logprobs` through the engine's caches, SCORE_CHUNK bytes per step (a fori_loop): the same scores,
+    memory linear in S. `lengths` (B,): real positions per row (0 for a padding row)."""
+    B, S = inputs.shape
+    C = min(S, SCORE_CHUNK)
+    layout = engine.Layout(buffer=S, slack=1, max_chunk=max(C, 2))  # as an `ar` prefill lays it out
+    state = engine.init_state(spec, B, layout, jax.tree.leaves(params["blt"])[0].dtype)
+
+    def step(i, loop):
+        st, out = loop
+        piece = jax.lax.dynamic_slice_in_dim(inputs, i * C, C, axis=1)
+        want = jax.lax.dynamic_slice_in_dim(targets, i * C, C, axis=1)
+        st, logits, _ = engine.extend(spec, params, st, piece, jnp.clip(lengths - i * C, 0, C))
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, want[..., None], axis=-1)[..., 0] / jnp.log(2.0)
+        return st, jax.lax.dynamic_update_slice_in_dim(out, picked, i * C, axis=1)
+
+    return jax.lax.fori_loop(0, S // C, step, (state, jnp.zeros((B, S), jnp.float32)))[1]
+
+
+def _longest_text(model: LoadedModel) -> tuple[int, str]:
+    """The most bytes one text (window) may hold, and why: buckets past DENSE_MAX_BUCKET go through the
+    engine's caches, which transformers' post-hoc patch splitting (refused by the cached methods) cannot."""
+    try:
+        check_cached(model.cfg)
+    except ConfigError:
+        return DENSE_MAX_BUCKET, ("this model, imported with transformers' patch splitting, is scored by full "
+                                  "forwards only, whose memory grows with the square of the length")
+    return MAX_WINDOW, "the longest context blt_jax runs a model on"
+
+
 def byte_logprobs(model: LoadedModel, texts: Sequence[bytes | str], batch_size: int = 8,
-                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[np.ndarray]:
+                  max_bytes: int = DEFAULT_MAX_BYTES, oom_advice: str = "lower --batch-size") -> list[np.ndarray]:
     """log2 p(byte_i | BOS, bytes_<i) for every byte of every text (float64 arrays, one per text).
 
     Texts are grouped by length bucket (a power of two >= 64 bytes) and run `batch_size` rows at a time
-    (short batches padded), so compilations are bounded by the number of buckets, never per text."""
+    (short batches padded), so compilations are bounded by the number of buckets, never per text. Buckets
+    past DENSE_MAX_BUCKET are scored in chunks through the engine's caches (see the module docstring).
+    Running out of memory is a one-line ValueError ending in `oom_advice`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = [_as_bytes(t, i) for i, t in enumerate(texts)]
+    longest = _longest_text(model)
     for i, d in enumerate(data):
         if not d:
             raise ValueError(f"text {i} is empty; scoring needs at least one byte")
         if len(d) > max_bytes:
             raise ValueError(f"text {i} has {len(d)} bytes, more than the limit of max_bytes={max_bytes}; "
+                             f"split it into windows (see bits_per_byte)")
+        if len(d) > longest[0]:
+            raise ValueError(f"text {i} has {len(d)} bytes, more than the limit of {longest[0]} ({longest[1]}); "
                              f"split it into windows (see bits_per_byte)")
     out: list[Optional[np.ndarray]] = [None] * len(data)
     by_bucket: dict[int, list[int]] = {}
@@ -75,15 +126,32 @@ def byte_logprobs(model: LoadedModel, texts: Sequence[bytes | str], batch_size: 
             rows = idx[start:start + batch_size]
             inputs = np.full((batch_size, S), BOE_ID, np.int32)
             targets = np.zeros((batch_size, S), np.int32)
+            lengths = np.zeros((batch_size,), np.int32)
             inputs[:, 0] = BOS_ID
             for r, i in enumerate(rows):
                 ids = np.frombuffer(data[i], np.uint8).astype(np.int32) + OFFSET
                 inputs[r, 1:len(ids)] = ids[:-1]
                 targets[r, :len(ids)] = ids
-            lp = np.asarray(_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets)))
+                lengths[r] = len(ids)
+            lp = _run_bucket(model, params, inputs, targets, lengths, oom_advice)
             for r, i in enumerate(rows):
                 out[i] = lp[r, :len(data[i])].astype(np.float64)
     return out  # type: ignore[return-value]
+
+
+def _run_bucket(model: LoadedModel, params: dict, inputs: np.ndarray, targets: np.ndarray, lengths: np.ndarray,
+                oom_advice: str) -> np.ndarray:
+    B, S = inputs.shape
+    try:
+        if S <= DENSE_MAX_BUCKET:
+            return np.asarray(_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets)))
+        return np.asarray(_chunked_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets),
+                                            jnp.asarray(lengths)))
+    except RuntimeError as e:  # jax's out-of-memory; the CLI's generic advice names options scoring lacks
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise ValueError(f"out of memory scoring {B} texts of up to {S} bytes at a time "
+                         f"({str(e).strip().splitlines()[0]}); {oom_advice}") from e
 
 
 def continuation_logprob(model: LoadedModel, pairs: Sequence[tuple[bytes | str, bytes | str]],
@@ -138,13 +206,17 @@ def bits_per_byte(model: LoadedModel, paths_or_texts: Iterable, window: int = 10
     folders contribute every non-empty text file under them) and/or raw texts as bytes."""
     if window < 1:
         raise ValueError(f"window must be >= 1 byte, got {window}")
+    limit, why = _longest_text(model)
+    if window > limit:  # before reading anything
+        raise ValueError(f"--window {window}: more than the limit of {limit} bytes ({why}); lower --window")
     docs = _read_sources(paths_or_texts)
     if not docs:
         raise ValueError("bits_per_byte: nothing to score (no files or texts given)")
     chunks = [w for _, d in docs for w in windows(d, window)]
     if not chunks:
         raise ValueError("bits_per_byte: every document is empty")
-    lps = byte_logprobs(model, chunks, batch_size=batch_size, max_bytes=max(window, 1))
+    lps = byte_logprobs(model, chunks, batch_size=batch_size, max_bytes=window,
+                        oom_advice="lower --batch-size or --window")
     total = float(sum(lp.sum() for lp in lps))
     n = sum(len(c) for c in chunks)
     return {"bits_per_byte": -total / n if n else math.nan, "bytes": n, "windows": len(chunks),
