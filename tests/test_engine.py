@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from blt_jax.generation import api, engine, samplers
+from blt_jax.generation import api, engine, programs, samplers
 from blt_jax.generation.forward import compute_patch_starts
 from blt_jax.generation.prompts import PromptError, prepare_prompts
 from blt_jax.generation.unmasking import UnmaskConfig
@@ -214,3 +214,17 @@ def test_a_60kb_prompt_prefills_in_chunks_and_a_longer_one_is_a_clear_error(plai
     assert r.cost["new_bytes"] == 8 and len(r.token_ids) == 8
     with pytest.raises(PromptError, match="more than the limit of 65536"):
         api.generate(plain, [prompt + b"x" * 6000], max_new_bytes=8, method="ar")
+
+
+def test_cpu_programs_of_many_rows_use_eigen_dots(plain):
+    """From EIGEN_DOTS_FROM_ROWS rows on, a generation program is compiled with YNNPACK's fusions off (Eigen's
+    dots are faster there on the CPU); smaller batches keep XLA's default kernels. (That the kernels change no
+    greedy text: test_generation's rows_do_not_depend_on_their_batch, 4 rows against each alone.)"""
+    def hlo(rows):
+        batch = prepare_prompts(long_prompts([30] * rows, seed=11), 8, extra_positions=0)
+        args = (plain.spec, samplers.MethodConfig("ar"), plain.all_params(), jnp.asarray(batch.tokens),
+                jnp.asarray(batch.lengths), jnp.full((rows,), 8), jnp.zeros((rows, 2), jnp.uint32), None)
+        return samplers.prefill.lower(*args, prompt_len=batch.prompt_len).compile().as_text()
+
+    assert "__ynn_fusion" in hlo(1)
+    assert "__ynn_fusion" not in hlo(programs.EIGEN_DOTS_FROM_ROWS)

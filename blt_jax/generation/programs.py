@@ -5,14 +5,18 @@ program costs ~2,000 of them (one prompt bucket's prefill) and a process may hol
 (65,530 by default on Linux). A long-lived process that meets many methods and prompt lengths (a server, a
 notebook) compiles past that limit, and the next compile dies inside LLVM ("Cannot allocate memory").
 Before it compiles something new, generation calls `make_room()`: near the limit, every compiled program is
-freed (they recompile when next used), with a warning that names the cause."""
+freed (they recompile when next used), with a warning that names the cause.
+
+Also here: the CPU's matmul kernels, chosen by the rows a generation program carries (`jit_by_rows`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -64,3 +68,45 @@ def make_room(free_at: float = FREE_AT) -> bool:
                       f"by compiled programs: they were freed ({after[0]} left) and recompile when next needed (a "
                       f"larger vm.max_map_count avoids the recompiles)", CompiledProgramsFreed, stacklevel=2)
     return True
+
+
+# ---- the CPU's matmul kernels, by batch ---------------------------------------------------------------------
+
+# XLA:CPU runs dots through YNNPACK by default. At one or two rows (batch-1 decoding: matrix-vector products)
+# that is as fast as Eigen's kernels or faster; from four rows on, Eigen's are faster (a batch-8 `ar` step
+# 1.3x, batch 32 1.25x on the 2-vCPU VM; experiments/step_scaling.py, section "cpu_dots"). So a generation
+# program whose batch has at least EIGEN_DOTS_FROM_ROWS rows is compiled with YNNPACK's fusions off.
+EIGEN_DOTS_FROM_ROWS = 4
+MANY_ROWS_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+class JitByRows:
+    """`jax.jit(fn, **jit_kwargs)`, compiled with MANY_ROWS_CPU_OPTIONS on the CPU when the argument `rows_arg`
+    (a pytree whose leaves are indexed by row first) has EIGEN_DOTS_FROM_ROWS rows or more. The batch is a
+    static shape, so each batch still compiles once, with one set of kernels."""
+
+    def __init__(self, fn: Callable, rows_arg: str, **jit_kwargs):
+        self._few = jax.jit(fn, **jit_kwargs)
+        self._many = jax.jit(fn, compiler_options=MANY_ROWS_CPU_OPTIONS, **jit_kwargs)
+        self._rows_arg = rows_arg
+        self._rows_index = list(inspect.signature(fn).parameters).index(rows_arg)
+        functools.update_wrapper(self, fn)
+
+    def _for(self, args: tuple, kwargs: dict):
+        x = kwargs[self._rows_arg] if self._rows_arg in kwargs else args[self._rows_index]
+        many = jax.tree.leaves(x)[0].shape[0] >= EIGEN_DOTS_FROM_ROWS
+        return self._many if many and jax.default_backend() == "cpu" else self._few
+
+    def __call__(self, *args, **kwargs) -> Any:
+        return self._for(args, kwargs)(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._for(args, kwargs).lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self._few._cache_size() + self._many._cache_size()
+
+
+def jit_by_rows(rows_arg: str, **jit_kwargs) -> Callable[[Callable], JitByRows]:
+    """Decorator form of `JitByRows`."""
+    return lambda fn: JitByRows(fn, rows_arg, **jit_kwargs)

@@ -29,6 +29,7 @@ from blt_jax import sharding
 from blt_jax.config import ConfigError
 from blt_jax.generation import engine
 from blt_jax.generation.loaded import ModelSpec
+from blt_jax.generation.programs import jit_by_rows
 from blt_jax.generation.sampling import SamplingRows, choose, position_keys
 from blt_jax.generation.unmasking import UnmaskConfig, cells_to_commit
 from blt_jax.tokenizer import EOS_ID, MASK_ID
@@ -342,7 +343,7 @@ def _dtype(params: dict):
     return jax.tree.leaves(params["blt"])[0].dtype
 
 
-@partial(jax.jit, static_argnames=("spec", "method", "prompt_len", "allow_specials", "stop_at_eos"))
+@jit_by_rows("tokens", static_argnames=("spec", "method", "prompt_len", "allow_specials", "stop_at_eos"))
 def generate_cached(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys,
                     sampling: Optional[SamplingRows], prompt_len: int, allow_specials: bool = False,
                     stop_at_eos: bool = True) -> engine.EngineState:
@@ -356,7 +357,7 @@ def generate_cached(spec: ModelSpec, method: MethodConfig, params: dict, tokens,
         return _run(r, c, jnp.iinfo(jnp.int32).max, False).state
 
 
-@partial(jax.jit, static_argnames=("spec", "method", "prompt_len"))
+@jit_by_rows("tokens", static_argnames=("spec", "method", "prompt_len"))
 def prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys,
             sampling: Optional[SamplingRows], prompt_len: int) -> Carry:
     """The carry of a batch of prompts after their prefill: what `advance` continues (streaming, continuous
@@ -367,8 +368,8 @@ def prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths
                         _dtype(params))
 
 
-@partial(jax.jit, static_argnames=("spec", "method", "allow_specials", "stop_at_eos", "exit_on_finish"),
-         donate_argnums=(3,))
+@jit_by_rows("carry", static_argnames=("spec", "method", "allow_specials", "stop_at_eos", "exit_on_finish"),
+             donate_argnums=(3,))
 def advance(spec: ModelSpec, method: MethodConfig, params: dict, carry: Carry, max_rounds,
             allow_specials: bool = False, stop_at_eos: bool = True, exit_on_finish: bool = False) -> Carry:
     """Run up to `max_rounds` rounds (a traced count: one compile serves any) on a carry."""
