@@ -74,8 +74,9 @@ def make_room(free_at: float = FREE_AT) -> bool:
 
 # XLA:CPU runs dots through YNNPACK by default. At one or two rows (batch-1 decoding: matrix-vector products)
 # that is as fast as Eigen's kernels or faster; from four rows on, Eigen's are faster (a batch-8 `ar` step
-# 1.3x, batch 32 1.25x on the 2-vCPU VM; experiments/step_scaling.py, section "cpu_dots"). So a generation
-# program whose batch has at least EIGEN_DOTS_FROM_ROWS rows is compiled with YNNPACK's fusions off.
+# 1.3x, batch 32 1.25x on the 2-vCPU VM: `advance_per_step` of experiments/step_scaling.py, run with and
+# without XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=). So a generation program whose batch has at least
+# EIGEN_DOTS_FROM_ROWS rows is compiled with YNNPACK's fusions off.
 EIGEN_DOTS_FROM_ROWS = 4
 MANY_ROWS_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
