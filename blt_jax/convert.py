@@ -21,34 +21,53 @@ import numpy as np
 from flax import nnx
 
 from blt_jax import model as model_lib
-from blt_jax.config import (BLTConfig, DataConfig, DiffusionConfig, EntropyModelConfig, PatchingConfig, RunConfig,
-                            StackConfig)
+from blt_jax.config import (BLTConfig, ConfigError, DataConfig, DiffusionConfig, EntropyModelConfig, PatchingConfig,
+                            RunConfig, StackConfig)
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfig(ConfigError):
     """A transformers config value (or tensor) blt_jax cannot represent exactly; the message names it."""
 
 
-# config.json's key for what transformers has no field for (it keeps unknown keys as attributes, unused): a
-# BLT-D model's diffusion settings, so an export imported back can still run --method d/dv with its block size
+# config.json's key for what transformers has no field for (it keeps unknown keys as attributes, unused), so an
+# export imports back as the model it was: the whole patching (transformers' fields hold the mode, threshold and
+# max_patch_length, not blt_jax's own rules: causal max_patch_length, document starts, patch slots), document
+# masking, and a BLT-D model's diffusion settings (so the import still runs --method d/dv, cached). Not carried:
+# what transformers would run differently (a global window, different encoder and decoder windows, static or
+# space patching, other entropy rules): export refuses those. A config.json without the key (a transformers
+# checkpoint) imports with transformers' semantics.
 EXTRA_KEY = "blt_jax"
+CARRIED = {"patching": PatchingConfig, "document_masking": bool, "diffusion": DiffusionConfig}
 
 
-def _diffusion_from_hf(hf: dict) -> DiffusionConfig:
+def _carried(hf: dict) -> dict:
+    """config.json's `EXTRA_KEY` object, rebuilt: {name: PatchingConfig | bool | DiffusionConfig}; whatever is
+    unknown or invalid is refused in one line naming the key."""
     extra = hf.get(EXTRA_KEY) or {}
-    d = extra.get("diffusion") if isinstance(extra, dict) else None
-    if d is None:
-        return DiffusionConfig()
-    if not isinstance(d, dict):
-        raise UnsupportedConfig(f"{EXTRA_KEY}.diffusion: expected an object of DiffusionConfig fields, got {d!r}")
-    try:
-        diffusion = DiffusionConfig(**d)
-    except TypeError:
-        known = {f.name for f in dataclasses.fields(DiffusionConfig)}
-        raise UnsupportedConfig(f"{EXTRA_KEY}.diffusion.{sorted(set(d) - known)[0]}: not a diffusion setting "
-                                f"(known: {', '.join(sorted(known))})") from None
-    diffusion.validate(f"{EXTRA_KEY}.diffusion")
-    return diffusion
+    if not isinstance(extra, dict):
+        raise UnsupportedConfig(f"{EXTRA_KEY}: expected an object of {', '.join(CARRIED)}, got {extra!r}")
+    out = {}
+    for key, value in extra.items():
+        name, cls = f"{EXTRA_KEY}.{key}", CARRIED.get(key)
+        if cls is None:
+            raise UnsupportedConfig(f"{name}: not a setting blt_jax carries (known: {', '.join(CARRIED)})")
+        if cls is bool:
+            if not isinstance(value, bool):
+                raise UnsupportedConfig(f"{name}: expected true/false, got {value!r}")
+            out[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise UnsupportedConfig(f"{name}: expected an object of {cls.__name__} fields, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(value) - known:
+            raise UnsupportedConfig(f"{name}.{sorted(set(value) - known)[0]}: not a {key} setting "
+                                    f"(known: {', '.join(sorted(known))})")
+        try:
+            out[key] = cls(**value)
+            out[key].validate(name)
+        except ConfigError as e:
+            raise UnsupportedConfig(str(e)) from None
+    return out
 
 
 # ---- configs ----------------------------------------------------------------------------------------------
@@ -67,8 +86,9 @@ def _stack(sub: dict, name: str, window: Optional[int], default_theta: float) ->
         raise UnsupportedConfig(f"{name}.hidden_act: only 'silu' (SwiGLU) is supported, got {act!r}")
     d, heads = int(sub["hidden_size"]), int(sub["num_attention_heads"])
     ffn = sub.get("intermediate_size") or int(8 * d / 3)
+    kv = int(sub.get("num_key_value_heads") or heads)
     return StackConfig(dim=d, n_layers=int(sub["num_hidden_layers"]), n_heads=heads,
-                       n_kv_heads=sub.get("num_key_value_heads") or None, ffn_dim=int(ffn),
+                       n_kv_heads=kv if kv != heads else None, ffn_dim=int(ffn),  # None: no GQA, as blt_jax writes it
                        rope_theta=_rope_theta(sub, default_theta, name), window=window,
                        norm_eps=float(sub.get("rms_norm_eps", 1e-5)))
 
@@ -97,10 +117,19 @@ def config_from_hf(hf: dict) -> BLTConfig:
         pmode = "entropy"
     elif not patch_in_forward or mode != "entropy":
         pmode = "byte"  # transformers falls back to one byte per patch
-    mpl = hf.get("max_patch_length")
-    patching = PatchingConfig(mode=pmode, threshold=float(hf.get("patching_threshold", 1.335442066192627)),
+    mpl, threshold = hf.get("max_patch_length"), hf.get("patching_threshold", 1.335442066192627)
+    patching = PatchingConfig(mode=pmode, threshold=None if threshold is None else float(threshold),
                               max_patch_length=int(mpl) if mpl else None, max_patches=256,
                               drop_trailing_patch=mpl is not None, document_starts=False)
+    carried = _carried(hf)
+    native = carried.get("patching", patching)
+    # an export's own patching, unless config.json's transformers fields now say otherwise (edited by hand):
+    # neither reading is then safe to guess (transformers would run one, blt_jax the other), so refuse
+    for f in ("mode", "rule", "threshold", "max_patch_length"):
+        if getattr(native, f) != getattr(patching, f):
+            raise UnsupportedConfig(f"{EXTRA_KEY}.patching.{f}: the exported run's {getattr(native, f)!r} disagrees "
+                                    f"with config.json's transformers fields ({getattr(patching, f)!r}); make them "
+                                    f"agree, or delete {EXTRA_KEY}.patching to import with transformers' patching")
     sizes = hf.get("encoder_hash_byte_group_size") or [3, 4, 5, 6, 7, 8]
     cfg = BLTConfig(
         encoder=_stack(enc, "encoder_config", window, 500_000.0),
@@ -108,14 +137,14 @@ def config_from_hf(hf: dict) -> BLTConfig:
         decoder=_stack(dec, "decoder_config", window, 500_000.0),
         entropy_model=EntropyModelConfig(_stack(pat, "patcher_config", pat.get("sliding_window", 512), 10_000.0),
                                          vocab_size=int(pat.get("vocab_size", 260))),
-        patching=patching, vocab_size=int(hf.get("vocab_size", 260)), cross_attn_k=k,
+        patching=native, vocab_size=int(hf.get("vocab_size", 260)), cross_attn_k=k,
         encoder_cross_attn_all_layers=bool(enc.get("cross_attn_all_layers", False)),
         decoder_cross_attn_all_layers=bool(dec.get("cross_attn_all_layers", True)),
         hash_ngram_sizes=tuple(int(s) for s in sizes),
         hash_vocab=int(hf.get("encoder_hash_byte_group_vocab", 500_002)),
         hash_functions=int(hf.get("encoder_hash_byte_group_nb_functions", 1)),
-        document_masking=False,  # transformers attends across BOS; keep its semantics exactly
-        diffusion=_diffusion_from_hf(hf),
+        document_masking=carried.get("document_masking", False),  # transformers attends across BOS
+        diffusion=carried.get("diffusion", DiffusionConfig()),
     )
     cfg.validate("model")
     return cfg
@@ -139,7 +168,6 @@ def config_to_hf(cfg: BLTConfig) -> dict:
                 "rope_parameters": {"rope_type": "default", "rope_theta": s.rope_theta}, **extra}
 
     g = cfg.global_model.dim
-    blt_only = {EXTRA_KEY: {"diffusion": dataclasses.asdict(cfg.diffusion)}} if cfg.diffusion.enabled else {}
     return {
         "model_type": "blt", "architectures": ["BltForCausalLM"], "vocab_size": cfg.vocab_size,
         "patch_in_forward": cfg.patching.mode == "entropy", "patching_mode": cfg.patching.mode,
@@ -156,7 +184,8 @@ def config_to_hf(cfg: BLTConfig) -> dict:
         "global_config": sub(cfg.global_model),
         "patcher_config": sub(cfg.entropy_model.stack, sliding_window=cfg.entropy_model.stack.window,
                               vocab_size=cfg.entropy_model.vocab_size),
-        **blt_only,
+        EXTRA_KEY: {"patching": dataclasses.asdict(cfg.patching), "document_masking": cfg.document_masking,
+                    "diffusion": dataclasses.asdict(cfg.diffusion)},
     }
 
 
@@ -270,7 +299,9 @@ def import_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> BLTC
     hf_cfg, tensors = read_hf_folder(src)
     cfg = config_from_hf(hf_cfg)
     params, eparams = params_from_hf(cfg, tensors)
-    seq_len = 1024  # for `blt eval` / fine-tuning; enough patch slots that no byte is ever dropped
+    # for `blt eval` / fine-tuning; enough patch slots that no byte is ever dropped (an export's carried
+    # max_patches was sized for its run's own windows)
+    seq_len = 1024
     cfg = dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, max_patches=seq_len + 1))
     run = RunConfig(name=f"converted:{Path(src).name}", model=cfg, data=DataConfig(seq_len=seq_len, batch_size=8))
     with new_folder(dst, overwrite, src) as out:

@@ -19,7 +19,7 @@ from blt_jax.generation.forward import compute_patch_starts, forward
 from blt_jax.generation.sampling import SamplingConfig
 from blt_jax.patching import patch_ids, patch_lengths
 from blt_jax.train import checkpoint as ckpt
-from test_samplers import random_model
+from test_samplers import prompts, random_model
 
 torch = pytest.importorskip("torch", reason="install the test extra: pip install -e '.[test]'")
 torch.set_num_threads(1)
@@ -131,8 +131,10 @@ def test_eval_of_an_imported_model_asks_for_a_store(converted, capsys):
 def test_a_blt_d_run_keeps_its_diffusion_settings_through_export_and_import(tmp_path):
     """A probe: a BLT-D run exported with `blt convert --to-hf` and imported back lost diffusion.block_size
     (transformers has no field for it), silently: the import could no longer run --method d/dv with it. The
-    export records it under config.json's `blt_jax` key, which transformers keeps and ignores."""
-    model = random_model(max_patch_length=None, block_size=4)  # no max_patch_length: cached methods run it
+    export records it under config.json's `blt_jax` key, which transformers keeps and ignores. A second probe:
+    with max_patch_length the import also got transformers' patch splitting, which the cached methods refuse,
+    so it could not run --method d at all; the export now carries its patching too."""
+    model = random_model(block_size=4)  # max_patch_length 5, as every fast-blt preset sets one
     run = tmp_path / "run"
     ckpt.write_run_meta(run, "blt", dataclasses.replace(get_preset("tiny"), model=model.cfg))
     ckpt.save_params(run / "params", model.params)
@@ -140,16 +142,69 @@ def test_a_blt_d_run_keeps_its_diffusion_settings_through_export_and_import(tmp_
     assert main(["convert", "--to-hf", str(run), str(tmp_path / "hf")]) == 0
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     back = api.load(str(tmp_path / "back"))
-    assert back.cfg.diffusion.block_size == 4 and back.cfg.diffusion == model.cfg.diffusion
+    ps = prompts(4, seed=3)
+    want = api.generate(model, ps, max_new_bytes=16, method="d", stop_at_eos=False)
+    assert [r.token_ids for r in api.generate(back, ps, max_new_bytes=16, method="d", stop_at_eos=False)] == \
+        [r.token_ids for r in want]
+    # the same model; only the patch slots are the import's own (sized for its 1024-byte evaluation window)
+    assert back.cfg == dataclasses.replace(model.cfg, patching=dataclasses.replace(model.cfg.patching,
+                                                                                   max_patches=1025))
     assert api.method_config(back, "dv").block_size == 4
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_cfg["blt_jax"] == {"diffusion": dataclasses.asdict(model.cfg.diffusion)}
+    assert hf_cfg["blt_jax"] == {"patching": dataclasses.asdict(model.cfg.patching), "document_masking": True,
+                                 "diffusion": dataclasses.asdict(model.cfg.diffusion)}
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # still loads in transformers
-    # a plain BLT's export carries no such key; bad values are refused by name
-    assert "blt_jax" not in convert.config_to_hf(dataclasses.replace(model.cfg, diffusion=type(model.cfg.diffusion)()))
+    # bad values are refused by name
     with pytest.raises(ConfigError, match=r"^blt_jax\.diffusion\.block_size: must be"):
         convert.config_from_hf({**hf_cfg, "blt_jax": {"diffusion": {"block_size": -1}}})
     with pytest.raises(convert.UnsupportedConfig, match=r"^blt_jax\.diffusion\.blocks: not a diffusion setting"):
         convert.config_from_hf({**hf_cfg, "blt_jax": {"diffusion": {"blocks": 4}}})
+
+
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "blt-1b", "fast-blt-1b", "fast-blt-1b-d8", "tiny-bytes"])
+def test_an_export_imports_back_as_the_same_config(name):
+    """A probe: `config_from_hf(config_to_hf(cfg))` gave a native model transformers' patching and attention
+    (patch splitting, no document starts or masking, 256 patch slots), and failed on a byte-patched run's
+    null threshold."""
+    cfg = get_preset(name.removesuffix("-bytes")).model
+    if name.endswith("-bytes"):
+        cfg = dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, mode="byte"))
+    if cfg.global_model.window is not None:  # transformers' global model has no window: export refuses it
+        with pytest.raises(convert.UnsupportedConfig, match=r"^model\.global_model\.window"):
+            convert.config_to_hf(cfg)
+        cfg = dataclasses.replace(cfg, global_model=dataclasses.replace(cfg.global_model, window=None))
+    assert convert.config_from_hf(json.loads(json.dumps(convert.config_to_hf(cfg)))) == cfg
+
+
+def test_a_transformers_checkpoint_keeps_transformers_semantics_through_export_and_import():
+    """A config.json without the `blt_jax` key (made by transformers, or by a blt_jax before it carried the
+    patching) imports with transformers' patching; exported again, the import says so explicitly, so a second
+    import is the same model (before, it relied on the second import guessing the same)."""
+    for hf_cfg in (hf_models.variant(max_patch_length=4),
+                   hf_models.variant(max_patch_length=4, blt_jax={"diffusion": {"block_size": 4}})):
+        cfg = convert.config_from_hf(hf_cfg)
+        assert cfg.patching.drop_trailing_patch and not cfg.patching.document_starts and not cfg.document_masking
+        again = convert.config_to_hf(cfg)
+        assert again["blt_jax"]["patching"]["drop_trailing_patch"] and not again["blt_jax"]["document_masking"]
+        assert convert.config_from_hf(again) == cfg
+
+
+def test_carried_patching_that_is_bad_or_disagrees_is_refused_in_one_line():
+    cfg = random_model(block_size=4).cfg
+    hf_cfg = json.loads(json.dumps(convert.config_to_hf(cfg)))
+    patching = hf_cfg["blt_jax"]["patching"]
+    cases = [({"blt_jax": {**hf_cfg["blt_jax"], "patching": {**patching, "max_patch_length": 0}}},
+              r"blt_jax\.patching\.max_patch_length: must be None or >= 1"),
+             ({"blt_jax": {**hf_cfg["blt_jax"], "patching": {**patching, "drop_trailing": True}}},
+              r"blt_jax\.patching\.drop_trailing: not a patching setting"),
+             ({"blt_jax": {**hf_cfg["blt_jax"], "document_masking": "yes"}},
+              r"blt_jax\.document_masking: expected true/false"),
+             ({"blt_jax": {**hf_cfg["blt_jax"], "tokenizer": {}}}, r"blt_jax\.tokenizer: not a setting"),
+             ({"max_patch_length": 8}, r"blt_jax\.patching\.max_patch_length: the exported run's 5 disagrees"),
+             ({"patching_threshold": 2.0}, r"blt_jax\.patching\.threshold: the exported run's 3\.5 disagrees")]
+    for change, message in cases:
+        with pytest.raises(convert.UnsupportedConfig, match=f"^{message}") as e:
+            convert.config_from_hf({**hf_cfg, **change})
+        assert "\n" not in str(e.value)
