@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from blt_jax import exit_codes
 from blt_jax.config import ConfigError, RunConfig, apply_overrides
+from blt_jax.generation import constants
 from blt_jax.presets import PRESETS, get_preset
 
 # ---- option values -----------------------------------------------------------------------------------------
@@ -77,8 +78,9 @@ def _int(text: str) -> int:
 
 
 class _DeferredChoices:
-    """An option's choices read from a module that loads JAX, only when a command line uses the option
-    (`blt --help` and `blt params` never import it); the module's own list, so the two cannot drift."""
+    """An option's choices read from a module that loads JAX, only when a command line uses the option or
+    shows its help (`blt --help` and `blt params` never import it); the module's own list, so the two cannot
+    drift. Give the option a metavar: without one, argparse lists (reads) the choices as it adds the option."""
 
     def __init__(self, read: Callable[[], Sequence[str]]):
         self._read = read
@@ -141,18 +143,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_objective_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--objective", choices=_DeferredChoices(_objectives),
+    p.add_argument("--objective", choices=_DeferredChoices(_objectives), metavar="OBJECTIVE",
                    help="next-byte: plain BLT; blt-d: BLT plus the block masked-diffusion loss of Fast BLT "
                         "(default: the config's model.diffusion.block_size decides)")
     p.add_argument("--block-size", type=int, choices=(4, 8, 16),
                    help="BLT-D block size B (implies --objective blt-d; default: the config's, else 4)")
 
 
-# Defaults of the generation options that some settings do not read. The options themselves default to None,
-# and these fill in after the checks below, so a value given on the command line is told apart from one left out
+# Defaults of the generation options (and --seed) that some settings do not read: the generation code's own
+# (generation/constants.py, which loads no JAX). The options themselves default to None, and these fill in after
+# the checks below, so a value given on the command line is told apart from one left out
 # (`--method ar --alpha 0.7` is refused too, not only `--alpha 0.5`).
-GENERATION_DEFAULTS = {"draft_len": 8, "unmask": "confidence", "alpha": 0.7, "gamma": 1.0, "temperature": 0.0,
-                       "top_k": 0, "top_p": 1.0}
+GENERATION_DEFAULTS = {"draft_len": constants.DRAFT_LEN, "unmask": constants.UNMASK_RULE, "alpha": constants.ALPHA,
+                       "gamma": constants.GAMMA, "temperature": constants.TEMPERATURE, "top_k": constants.TOP_K,
+                       "top_p": constants.TOP_P, "seed": constants.SEED}
 # The options only some methods read: dest -> (those methods, the --unmask rule that reads it (None: any), what
 # it is for). Given with another method or rule it would be ignored, so it is refused.
 METHOD_OPTIONS = {
@@ -162,22 +166,22 @@ METHOD_OPTIONS = {
     "alpha": (("d", "dv"), "confidence", "confidence unmasking"),
     "gamma": (("d", "dv"), "entropy", "entropy unmasking"),
 }
-SAMPLING_OPTIONS = ("top_k", "top_p")  # read only when --temperature > 0
+SAMPLING_OPTIONS = ("top_k", "top_p")  # read only when --temperature > 0 (--seed too, where it draws nothing else)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     """How text is generated: one declaration for `blt generate` and the generating `blt eval` tasks."""
     d = GENERATION_DEFAULTS
     g = p.add_argument_group("generation")
-    g.add_argument("--method", default="ar", choices=_DeferredChoices(_generation_methods),
+    g.add_argument("--method", default="ar", choices=_DeferredChoices(_generation_methods), metavar="METHOD",
                    help="ar: cached autoregressive; ar-nocache: a full forward per byte; s: BLT-S speculative "
                         "(any BLT); d: BLT-D block diffusion; dv: BLT-D draft + autoregressive verify "
                         "(d and dv need a model trained with --objective blt-d)")
     g.add_argument("--draft-len", type=positive_int,
                    help=f"BLT-S: bytes drafted per round (k; default {d['draft_len']})")
     g.add_argument("--block-size", type=positive_int, help="BLT-D/DV: block size B (default: the model's)")
-    g.add_argument("--unmask", choices=_DeferredChoices(_unmask_rules),
-                   help=f"BLT-D/DV unmasking rule (default {d['unmask']})")
+    g.add_argument("--unmask", choices=_DeferredChoices(_unmask_rules), metavar="RULE",
+                   help=f"BLT-D/DV unmasking rule: %(choices)s (default {d['unmask']})")
     g.add_argument("--alpha", type=finite_float,
                    help=f"confidence rule: commit cells with p > alpha (default {d['alpha']})")
     g.add_argument("--gamma", type=finite_float, help=f"entropy rule: cumulative entropy bound (default {d['gamma']})")
@@ -198,10 +202,12 @@ def _generation_value(args, dest: str):
     return GENERATION_DEFAULTS.get(dest) if value is None else value
 
 
-def _refuse_unread_generation_options(args, *, method_fixed: bool = True, sampling_fixed: bool = True) -> None:
+def _refuse_unread_generation_options(args, *, method_fixed: bool = True, sampling_fixed: bool = True,
+                                      seed_samples_only: bool = False) -> None:
     """Refuse a generation option given on the command line that the chosen method, unmasking rule or
     temperature never reads. `method_fixed` False (`blt serve`: a request names its method) checks only the
-    unmasking rule; `sampling_fixed` False (a request or record may set its own temperature) skips top-k/p."""
+    unmasking rule; `sampling_fixed` False (a request or record may set its own temperature) skips top-k/p;
+    `seed_samples_only` (--seed draws nothing but samples) checks --seed with them."""
     rule = _generation_value(args, "unmask")
     for dest, (methods, rule_reads, what) in METHOD_OPTIONS.items():
         if getattr(args, dest) is None:
@@ -212,10 +218,12 @@ def _refuse_unread_generation_options(args, *, method_fixed: bool = True, sampli
         if rule_reads is not None and rule != rule_reads:
             raise ValueError(f"{_option(dest)} is an option of --unmask {rule_reads}; --unmask {rule} does not "
                              "read it")
-    given = [_option(dest) for dest in SAMPLING_OPTIONS if getattr(args, dest) is not None]
+    sampling = SAMPLING_OPTIONS + (("seed",) if seed_samples_only else ())
+    given = [_option(dest) for dest in sampling if getattr(args, dest) is not None]
     if sampling_fixed and given and _generation_value(args, "temperature") == 0:
-        raise ValueError(f"{' and '.join(given)} shape sampling, but --temperature is 0 (greedy: the likeliest "
-                         "byte, always); set --temperature > 0 or drop them")
+        them = "it" if len(given) == 1 else "them"
+        raise ValueError(f"{' and '.join(given)}: only sampling reads {them}, but --temperature is 0 (greedy: the "
+                         f"likeliest byte, always); set --temperature > 0 or drop {them}")
 
 
 def _generation_kwargs(args) -> dict:
@@ -422,7 +430,8 @@ def cmd_train(args) -> int:
 def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train (or resume) the entropy model or a BLT")
     _add_config_args(t)
-    t.add_argument("--what", choices=_DeferredChoices(_kinds), default="blt")
+    t.add_argument("--what", choices=_DeferredChoices(_kinds), metavar="KIND", default="blt",
+                   help="the model to train: %(choices)s (default %(default)s)")
     t.add_argument("--run", required=True, help="run directory (resumes automatically if it holds checkpoints)")
     t.add_argument("--store", help="data store root, made by `blt prepare` (sets data.path)")
     t.add_argument("--entropy-run", help="entropy-model run (default: the one recorded in the data store)")
@@ -483,8 +492,9 @@ def _refuse_options_of_other_tasks(args) -> None:
 
 def cmd_eval(args) -> int:
     _refuse_options_of_other_tasks(args)
-    if "method" in EVAL_OPTIONS[args.task]:
-        _refuse_unread_generation_options(args)
+    if "method" in EVAL_OPTIONS[args.task]:  # humaneval's problems are fixed: its seed only samples
+        _refuse_unread_generation_options(args, seed_samples_only=args.task == "humaneval")
+    args.seed = _generation_value(args, "seed")  # checked: its default fills in
     if args.task == "heldout":
         from blt_jax.evaluate import heldout_bpb, unigram_bpb  # noqa: PLC0415
         from blt_jax.train.checkpoint import load_run_config  # noqa: PLC0415
@@ -554,8 +564,9 @@ def _eval_parser(sub) -> None:
     e.add_argument("--split", default="heldout", choices=("heldout", "train"), help="heldout: the split")
     e.add_argument("--batches", type=positive_int, default=None, help="heldout: eval batches (default: the run's)")
     e.add_argument("--files", nargs="+", help="bpb: files, folders or glob patterns to score")
-    e.add_argument("--window", type=positive_int, help="bpb: bytes per window, each scored from BOS (default: the "
-                                                       "run's training sequence length)")
+    e.add_argument("--window", type=positive_int, help=f"bpb: bytes per window, each scored from BOS, at most "
+                                                       f"{constants.MAX_WINDOW:,} (default: the run's training "
+                                                       "sequence length)")
     e.add_argument("--items", type=positive_int, help="items (default: 100 multiple choice, 50 translate/continuation, "
                                                       "all 164 HumanEval problems)")
     e.add_argument("--lang", default="de", help="translate / mc-gettext: target language (a /usr/share/locale "
@@ -570,7 +581,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("--target-bytes", type=positive_int, default=32, help="continuation: bytes to continue")
     e.add_argument("--max-new-bytes", type=positive_int,
                    help="generation budget (default: 96 translate, 256 humaneval)")
-    e.add_argument("--seed", type=int, default=0, help="item selection and sampling")
+    e.add_argument("--seed", type=int, help=f"item selection and sampling (default {constants.SEED})")
     e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--json", action="store_true", help="one compact JSON line, with per-item details")
     _add_generation_args(e)
@@ -598,8 +609,9 @@ def cmd_generate(args) -> int:
     from blt_jax.generation import api, bulk  # noqa: PLC0415
 
     bulk_mode = any(getattr(args, option) for option in bulk.BULK_OPTIONS)
-    # a record's own temperature reads --top-k/--top-p (they are the records' defaults), even at --temperature 0
-    _refuse_unread_generation_options(args, sampling_fixed=not bulk_mode)
+    # a record's own temperature reads --top-k/--top-p/--seed (the records' defaults), even at --temperature 0
+    _refuse_unread_generation_options(args, sampling_fixed=not bulk_mode, seed_samples_only=True)
+    args.seed = _generation_value(args, "seed")  # checked: its default fills in
     if bulk_mode:  # a JSON Lines file, continuous batching
         with sigterm_as_interrupt():  # a scheduler's stop ends it like Ctrl-C: finished records kept, exit 75
             code = bulk.command(args, **_generation_kwargs(args))
@@ -644,7 +656,7 @@ def _generate_parser(sub) -> None:
                    "flag, when it is piped and no prompt or --file is given)")
     g.add_argument("--one-per-line", action="store_true", help="each line of --file/--stdin is a prompt")
     g.add_argument("--max-new-bytes", type=positive_int, default=128)
-    g.add_argument("--seed", type=int, default=0, help="sampling")
+    g.add_argument("--seed", type=int, help=f"sampling (--temperature > 0; default {constants.SEED})")
     g.add_argument("--stream", action="store_true", help="print bytes as they are generated (one prompt)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--sharded", action="store_true",
@@ -775,6 +787,25 @@ def _params_parser(sub) -> None:
 
 # ---- the command -------------------------------------------------------------------------------------------
 
+# What to lower when a command runs out of memory (jax's RESOURCE_EXHAUSTED), in options it has: `blt eval`'s
+# by task ("eval <task>"); the commands not named take a config, so the config's sizes (--set, --preset).
+OUT_OF_MEMORY_ADVICE = {
+    "eval heldout": "--task heldout runs the run's own batches (data.batch_size), which no option lowers; "
+                    "--task bpb scores text in smaller ones",
+    "eval bpb": "lower --batch-size or --window",
+    "eval mc-next-line": "lower --batch-size",
+    "eval mc-gettext": "lower --batch-size",
+    "eval translate": "lower --batch-size, --max-new-bytes or --shots",
+    "eval humaneval": "lower --batch-size or --max-new-bytes",
+    "eval continuation": "lower --batch-size, --prompt-bytes or --target-bytes",
+    "generate": "lower --max-new-bytes or the prompts given at once (with --input: --batch-size or --max-positions)",
+    "serve": "lower --batch-size, --max-positions or --max-new-bytes",
+    "prepare": "the entropy model runs a fixed number of rows per device, which no option lowers",
+    "convert": "the whole model is held at once, which no option lowers",
+}
+CONFIG_OUT_OF_MEMORY_ADVICE = ("lower the batch size, the sequence length or the model's size (--set data.batch_size="
+                               "..., --set data.seq_len=..., --preset)")
+
 SUBCOMMANDS = (_quickstart_parser, _prepare_parser, _calibrate_parser, _train_parser, _eval_parser,
                _generate_parser, _serve_parser, _convert_parser, _aot_parser, _params_parser)
 
@@ -799,6 +830,10 @@ class _NoBackgroundTracebacks(logging.Filter):
 
 
 def _quiet_background_tracebacks() -> None:
+    # absl's logger must be its own (an ABSLLogger names the caller's file, which the filter reads): asked for
+    # here before absl is imported, "absl" would be a plain logger, and every record would name absl's file
+    import absl.logging  # noqa: F401, PLC0415
+
     for name in ("absl", "asyncio"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
@@ -851,8 +886,9 @@ def _run(args) -> int:
         if "RESOURCE_EXHAUSTED" not in str(e) or os.environ.get("BLT_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0]
-        print(f"blt {args.command}: error: out of memory ({first}); lower the batch size, the lengths (--max-positions,"
-              " --max-new-bytes, the sequence length) or the model's size", file=sys.stderr)
+        key = f"eval {args.task}" if args.command == "eval" else args.command
+        advice = OUT_OF_MEMORY_ADVICE.get(key, CONFIG_OUT_OF_MEMORY_ADVICE)
+        print(f"blt {args.command}: error: out of memory ({first}); {advice}", file=sys.stderr)
         return exit_codes.ERROR
     finally:
         warnings.showwarning = previous

@@ -1,8 +1,11 @@
 """The `blt` command line: real subcommands on a real (tiny) trained run."""
 
+import dataclasses
+import inspect
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -10,11 +13,13 @@ import threading
 import numpy as np
 import pytest
 
-from blt_jax import cli
+from blt_jax import cli, exit_codes
 from blt_jax.cli import main
 from blt_jax.data import store
 from blt_jax.evaluate import heldout_bpb
 from blt_jax.generation import api
+from blt_jax.generation.samplers import MethodConfig
+from blt_jax.tasks import scoring
 
 
 def test_params_prints_paper_counts(capsys):
@@ -179,8 +184,8 @@ def test_choices_come_from_the_code_that_defines_them():
      "--alpha is an option of --unmask confidence; --unmask entropy does not read it"),
     (["--method", "dv", "--gamma", "2"], "--gamma is an option of --unmask entropy; --unmask confidence does not"),
     (["--method", "d", "--unmask", "one_step", "--alpha", "0.5"], "--unmask one_step does not read it"),
-    (["--top-p", "0.9"], "--top-p shape sampling, but --temperature is 0"),
-    (["--temperature", "0", "--top-k", "5", "--top-p", "0.9"], "--top-k and --top-p shape sampling, but"),
+    (["--top-p", "0.9"], "--top-p: only sampling reads it, but --temperature is 0"),
+    (["--temperature", "0", "--top-k", "5", "--top-p", "0.9"], "--top-k and --top-p: only sampling reads them, but"),
 ])
 @pytest.mark.parametrize("command", [["generate", "abc"], ["eval", "--task", "continuation"]])
 def test_generation_options_the_settings_do_not_read_are_refused(command, given, named, capsys):
@@ -253,3 +258,65 @@ def test_bpb_names_a_path_that_is_no_file_nor_folder(tiny_runs, capsys):
     assert main(["eval", "--checkpoint", str(tiny_runs[3]), "--task", "bpb", "--files", "/dev/null"]) == 2
     err = capsys.readouterr().err
     assert "/dev/null" in err and "not a regular file or folder" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv", [*(["eval", "--checkpoint", "run", "--task", task] for task in cli.EVAL_TASKS),
+                                  ["generate", "--checkpoint", "run"], ["serve", "--checkpoint", "run"],
+                                  ["train", "--run", "run"], ["params"]])
+def test_out_of_memory_advice_names_only_options_the_command_has(argv, monkeypatch, capsys):
+    """The one out-of-memory line advised --max-positions and --max-new-bytes for every command (`blt eval` and
+    `blt train` have no --max-positions; scoring caught the error itself to name bpb's options). One table in
+    the CLI now: each command's advice, and `blt eval`'s per task, names options its task takes."""
+    def out_of_memory(args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1234 bytes.\nthe rest of XLA's report")
+
+    monkeypatch.setattr(cli, f"cmd_{argv[0]}", out_of_memory)
+    assert main(argv) == exit_codes.ERROR
+    err = capsys.readouterr().err
+    head = f"blt {argv[0]}: error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 1234 bytes.); "
+    assert err.startswith(head) and err.count("\n") == 1, err
+    named = set(re.findall(r"--[a-z][a-z-]*", err[len(head):]))
+    assert named and named <= set(_options(argv[0])), named
+    if argv[0] == "eval":  # and only the options of its task (--task itself aside)
+        assert named <= {"--task", *map(cli._option, cli.EVAL_OPTIONS[argv[-1]])}, named  # noqa: SLF001
+
+
+def test_generation_defaults_are_the_dataclasses_and_the_parser_loads_no_jax():
+    """GENERATION_DEFAULTS repeated the defaults of SamplingConfig, UnmaskConfig and MethodConfig: both now read
+    plain constants from a module without JAX. Building the parser, as `blt --help` does, loaded JAX (8.7 s
+    of a 2-core machine's `blt --help`): argparse lists an option's choices as it adds it, so the deferred
+    choices were read at once."""
+    def default(cls, name):
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+    generate = inspect.signature(api.generate).parameters
+    assert cli.GENERATION_DEFAULTS == {
+        "draft_len": default(MethodConfig, "draft_len"), "unmask": default(api.UnmaskConfig, "rule"),
+        "alpha": default(api.UnmaskConfig, "alpha"), "gamma": default(api.UnmaskConfig, "gamma"),
+        "temperature": default(api.SamplingConfig, "temperature"), "top_k": default(api.SamplingConfig, "top_k"),
+        "top_p": default(api.SamplingConfig, "top_p"), "seed": generate["seed"].default}
+    assert generate["draft_len"].default == cli.GENERATION_DEFAULTS["draft_len"]
+    probe = ("import sys\nfrom blt_jax import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted({'jax', 'numpy'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]", out
+
+
+def test_window_help_names_the_longest_window():
+    assert f"{scoring.MAX_WINDOW:,}" in _options("eval")["--window"].help
+
+
+def test_a_seed_at_temperature_0_is_refused_where_only_sampling_reads_it(tiny_runs, capsys):
+    """A probe: `blt generate --seed 3` at temperature 0 (greedy: nothing random is drawn) ran and exited 0 as
+    if the seed did something. Refused like --top-k/--top-p, in one line."""
+    assert main(["generate", "--checkpoint", str(tiny_runs[3]), "--max-new-bytes", "2", "--seed", "3", "ab"]) == 2
+    assert capsys.readouterr().err == ("blt generate: error: --seed: only sampling reads it, but --temperature is 0 "
+                                       "(greedy: the likeliest byte, always); set --temperature > 0 or drop it\n")
+    assert main(["eval", "--checkpoint", "no-such-run", "--task", "humaneval", "--seed", "0", "--top-k", "4"]) == 2
+    assert "error: --top-k and --seed: only sampling reads them" in capsys.readouterr().err
+    # kept where a record may set its own temperature, where sampling is on, and where a task draws its items
+    for given in (["generate", "--input", "x.jsonl"], ["generate", "--temperature", "0.8", "ab"],
+                  ["eval", "--task", "humaneval", "--temperature", "0.8"], ["eval", "--task", "continuation"],
+                  ["eval", "--task", "translate"], ["eval", "--task", "mc-next-line"]):
+        assert main([given[0], "--checkpoint", "no-such-run", *given[1:], "--seed", "3"]) == 2  # no such run
+        assert "--seed" not in capsys.readouterr().err

@@ -217,14 +217,20 @@ def test_a_60kb_prompt_prefills_in_chunks_and_a_longer_one_is_a_clear_error(plai
 
 
 def test_cpu_programs_of_many_rows_use_eigen_dots(plain):
-    """From EIGEN_DOTS_FROM_ROWS rows on, a generation program is compiled with YNNPACK's fusions off (Eigen's
-    dots are faster there on the CPU); smaller batches keep XLA's default kernels. (That the kernels change no
-    greedy text: test_generation's rows_do_not_depend_on_their_batch, 4 rows against each alone.)"""
-    def hlo(rows):
-        batch = prepare_prompts(long_prompts([30] * rows, seed=11), 8, extra_positions=0)
-        args = (plain.spec, samplers.MethodConfig("ar"), plain.all_params(), jnp.asarray(batch.tokens),
+    """From EIGEN_DOTS_FROM_ROWS rows per pass on (batch x the method's positions per pass), a generation
+    program is compiled with YNNPACK's fusions off (Eigen's dots are faster there on the CPU); smaller passes
+    keep XLA's default kernels. (That the kernels change no greedy text: test_generation's
+    rows_do_not_depend_on_their_batch, 4 rows against each alone, and s == ar there.)"""
+    def hlo(rows, method=None):
+        method = method or samplers.MethodConfig("ar")
+        batch = prepare_prompts(long_prompts([30] * rows, seed=11), 8, extra_positions=method.lookahead)
+        args = (plain.spec, method, plain.all_params(), jnp.asarray(batch.tokens),
                 jnp.asarray(batch.lengths), jnp.full((rows,), 8), jnp.zeros((rows, 2), jnp.uint32), None)
         return samplers.prefill.lower(*args, prompt_len=batch.prompt_len).compile().as_text()
 
+    few = programs.EIGEN_DOTS_FROM_ROWS - 1
     assert "__ynn_fusion" in hlo(1)
     assert "__ynn_fusion" not in hlo(programs.EIGEN_DOTS_FROM_ROWS)
+    # one row whose verification passes carry a draft of `few` bytes + 1
+    assert "__ynn_fusion" in hlo(1, samplers.MethodConfig("s", draft_len=few - 1))
+    assert "__ynn_fusion" not in hlo(1, samplers.MethodConfig("s", draft_len=few))

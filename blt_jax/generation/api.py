@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from blt_jax import sharding
 from blt_jax.config import ConfigError
-from blt_jax.generation import programs
+from blt_jax.generation import constants, programs
 from blt_jax.generation.cost import ParamsForCost, eq8_bandwidth_gb
 from blt_jax.generation.loaded import LoadedModel, load_run
 from blt_jax.generation.placement import batch_devices, on_mesh
@@ -53,8 +53,9 @@ def load(run_dir: str, step: Optional[int] = None, dtype: Optional[str] = None) 
     return model if dtype is None else model.astype(dtype)
 
 
-def method_config(model: LoadedModel, method: str, draft_len: int = 8, block_size: Optional[int] = None,
-                  unmask: UnmaskConfig = UnmaskConfig(), max_new_bytes: Optional[int] = None) -> MethodConfig:
+def method_config(model: LoadedModel, method: str, draft_len: int = constants.DRAFT_LEN,
+                  block_size: Optional[int] = None, unmask: UnmaskConfig = UnmaskConfig(),
+                  max_new_bytes: Optional[int] = None) -> MethodConfig:
     """The cached method's static config, refused in one line when the model cannot run it. With a budget
     `max_new_bytes`, BLT-S drafts at most that many bytes: a longer draft only drafts bytes nobody asked for
     (the output is the same, BLT-S == ar)."""
@@ -123,8 +124,8 @@ def _mesh_context(model: LoadedModel):
 
 
 def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 128, method: str = "ar",
-             sampling: SamplingConfig = SamplingConfig(), seed: int = 0, stop_at_eos: bool = True,
-             draft_len: int = 8, block_size: Optional[int] = None,
+             sampling: SamplingConfig = SamplingConfig(), seed: int = constants.SEED, stop_at_eos: bool = True,
+             draft_len: int = constants.DRAFT_LEN, block_size: Optional[int] = None,
              unmask: UnmaskConfig = UnmaskConfig()) -> list[GenerationResult]:
     """Generate up to `max_new_bytes` after each prompt with `method`; each result carries a cost record
     (`cost_record`). Row i samples with key data fold_in(key(seed), i)."""
@@ -164,9 +165,9 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_bytes: int = 12
 
 
 def stream(model: LoadedModel, prompt: str, max_new_bytes: int = 128, method: str = "ar",
-           sampling: SamplingConfig = SamplingConfig(), seed: int = 0, stop_at_eos: bool = True,
-           draft_len: int = 8, block_size: Optional[int] = None, unmask: UnmaskConfig = UnmaskConfig(),
-           chunk_bytes: int = 16) -> Iterator[bytes]:
+           sampling: SamplingConfig = SamplingConfig(), seed: int = constants.SEED, stop_at_eos: bool = True,
+           draft_len: int = constants.DRAFT_LEN, block_size: Optional[int] = None,
+           unmask: UnmaskConfig = UnmaskConfig(), chunk_bytes: int = 16) -> Iterator[bytes]:
     """Yield the new bytes of one prompt as they are generated: one prefill, then one jitted `advance` of
     about `chunk_bytes` bytes' worth of rounds at a time (the round count is traced: one compile). The rounds
     are `generate`'s, so the bytes equal `generate`'s for the same arguments."""

@@ -7,7 +7,7 @@ notebook) compiles past that limit, and the next compile dies inside LLVM ("Cann
 Before it compiles something new, generation calls `make_room()`: near the limit, every compiled program is
 freed (they recompile when next used), with a warning that names the cause.
 
-Also here: the CPU's matmul kernels, chosen by the rows a generation program carries (`jit_by_rows`)."""
+Also here: the CPU's matmul kernels, chosen by the rows a generation program's passes carry (`jit_by_rows`)."""
 
 from __future__ import annotations
 
@@ -70,33 +70,35 @@ def make_room(free_at: float = FREE_AT) -> bool:
     return True
 
 
-# ---- the CPU's matmul kernels, by batch ---------------------------------------------------------------------
+# ---- the CPU's matmul kernels, by the rows of a pass ------------------------------------------------------
 
-# XLA:CPU runs dots through YNNPACK by default. At one or two rows (batch-1 decoding: matrix-vector products)
-# that is as fast as Eigen's kernels or faster; from four rows on, Eigen's are faster (a batch-8 `ar` step
-# 1.3x, batch 32 1.25x on the 2-vCPU VM: `advance_per_step` of experiments/step_scaling.py, run with and
-# without XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=). So a generation program whose batch has at least
-# EIGEN_DOTS_FROM_ROWS rows is compiled with YNNPACK's fusions off.
+# XLA:CPU runs dots through YNNPACK by default. At one or two rows (batch-1 `ar` decoding: matrix-vector
+# products) that is as fast as Eigen's kernels or faster; from four rows on, Eigen's are faster (a batch-8 `ar`
+# step 1.3x, batch 32 1.25x; at batch 1, passes over a block or a draft: BLT-D-8 1.13x, BLT-DV 1.15x, BLT-S
+# k=8 1.18x per byte, on the 2-vCPU VM: `advance_per_step` of experiments/step_scaling.py, run with and without
+# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=). So a generation program whose passes carry at least
+# EIGEN_DOTS_FROM_ROWS rows (batch x positions per pass) is compiled with YNNPACK's fusions off.
 EIGEN_DOTS_FROM_ROWS = 4
 MANY_ROWS_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class JitByRows:
-    """`jax.jit(fn, **jit_kwargs)`, compiled with MANY_ROWS_CPU_OPTIONS on the CPU when the argument `rows_arg`
-    (a pytree whose leaves are indexed by row first) has EIGEN_DOTS_FROM_ROWS rows or more. The batch is a
-    static shape, so each batch still compiles once, with one set of kernels."""
+    """`jax.jit(fn, **jit_kwargs)`, compiled with MANY_ROWS_CPU_OPTIONS on the CPU when `rows(arguments)` (the
+    call's arguments by name) is EIGEN_DOTS_FROM_ROWS or more. Rows come from static shapes and static
+    arguments, so each compiled shape still has one set of kernels."""
 
-    def __init__(self, fn: Callable, rows_arg: str, **jit_kwargs):
+    def __init__(self, fn: Callable, rows: Callable[[dict], int], **jit_kwargs):
         self._few = jax.jit(fn, **jit_kwargs)
         self._many = jax.jit(fn, compiler_options=MANY_ROWS_CPU_OPTIONS, **jit_kwargs)
-        self._rows_arg = rows_arg
-        self._rows_index = list(inspect.signature(fn).parameters).index(rows_arg)
+        self._rows = rows
+        self._signature = inspect.signature(fn)
         functools.update_wrapper(self, fn)
 
     def _for(self, args: tuple, kwargs: dict):
-        x = kwargs[self._rows_arg] if self._rows_arg in kwargs else args[self._rows_index]
-        many = jax.tree.leaves(x)[0].shape[0] >= EIGEN_DOTS_FROM_ROWS
-        return self._many if many and jax.default_backend() == "cpu" else self._few
+        if jax.default_backend() != "cpu":
+            return self._few
+        many = self._rows(self._signature.bind(*args, **kwargs).arguments) >= EIGEN_DOTS_FROM_ROWS
+        return self._many if many else self._few
 
     def __call__(self, *args, **kwargs) -> Any:
         return self._for(args, kwargs)(*args, **kwargs)
@@ -108,6 +110,6 @@ class JitByRows:
         return self._few._cache_size() + self._many._cache_size()
 
 
-def jit_by_rows(rows_arg: str, **jit_kwargs) -> Callable[[Callable], JitByRows]:
+def jit_by_rows(rows: Callable[[dict], int], **jit_kwargs) -> Callable[[Callable], JitByRows]:
     """Decorator form of `JitByRows`."""
-    return lambda fn: JitByRows(fn, rows_arg, **jit_kwargs)
+    return lambda fn: JitByRows(fn, rows, **jit_kwargs)

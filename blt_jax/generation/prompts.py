@@ -8,11 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from blt_jax.generation.constants import LENGTH_BUCKETS
 from blt_jax.tokenizer import BOE_ID, encode
-
-# powers of two and 1.5x steps between them: at most a third of a buffer is ever padding
-LENGTH_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384,
-                  24576, 32768, 49152, 65536)
 
 
 class PromptError(ValueError):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from blt_jax import sharding
 from blt_jax.config import ConfigError
-from blt_jax.generation import engine
+from blt_jax.generation import constants, engine
 from blt_jax.generation.loaded import ModelSpec
 from blt_jax.generation.programs import jit_by_rows
 from blt_jax.generation.sampling import SamplingRows, choose, position_keys
@@ -43,7 +43,7 @@ PREFILL_CHUNK = 256  # prompt bytes extended per prefill step: memory O(chunk x 
 @dataclass(frozen=True)
 class MethodConfig:
     method: Method = "ar"
-    draft_len: int = 8  # BLT-S: k bytes drafted per round
+    draft_len: int = constants.DRAFT_LEN  # BLT-S: k bytes drafted per round
     block_size: int = 8  # BLT-D / BLT-DV: B cells per block
     unmask: UnmaskConfig = field(default_factory=UnmaskConfig)
 
@@ -63,6 +63,12 @@ class MethodConfig:
     @property
     def max_bytes_per_round(self) -> int:
         return {"ar": 1, "s": self.draft_len + 1, "d": self.block_size, "dv": self.block_size + 1}[self.method]
+
+    @property
+    def positions_per_pass(self) -> int:
+        """Positions per row of a round's typical decoder pass: a block of cells, a verification chunk (the
+        draft + 1), or the one byte of `ar`; as many as a round may commit."""
+        return self.max_bytes_per_round
 
     def layout(self, buffer: int, prompt_len: int) -> engine.Layout:
         chunk = min(prompt_len, PREFILL_CHUNK)
@@ -338,12 +344,18 @@ def _run(r: Round, c: Carry, max_rounds, exit_on_finish: bool) -> Carry:
     return jax.lax.while_loop(cond, body, (c, jnp.zeros((), jnp.int32)))[0]
 
 
+def _pass_rows(batched: str):
+    """A program's rows per pass (for `jit_by_rows`): its batch (the leading size of argument `batched`) x
+    the method's positions per pass."""
+    return lambda args: jax.tree.leaves(args[batched])[0].shape[0] * args["method"].positions_per_pass
+
+
 def _dtype(params: dict):
     """The compute dtype: the parameters' (cast them once to bfloat16 for bf16 generation)."""
     return jax.tree.leaves(params["blt"])[0].dtype
 
 
-@jit_by_rows("tokens", static_argnames=("spec", "method", "prompt_len", "allow_specials", "stop_at_eos"))
+@jit_by_rows(_pass_rows("tokens"), static_argnames=("spec", "method", "prompt_len", "allow_specials", "stop_at_eos"))
 def generate_cached(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys,
                     sampling: Optional[SamplingRows], prompt_len: int, allow_specials: bool = False,
                     stop_at_eos: bool = True) -> engine.EngineState:
@@ -357,7 +369,7 @@ def generate_cached(spec: ModelSpec, method: MethodConfig, params: dict, tokens,
         return _run(r, c, jnp.iinfo(jnp.int32).max, False).state
 
 
-@jit_by_rows("tokens", static_argnames=("spec", "method", "prompt_len"))
+@jit_by_rows(_pass_rows("tokens"), static_argnames=("spec", "method", "prompt_len"))
 def prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths, budget, row_keys,
             sampling: Optional[SamplingRows], prompt_len: int) -> Carry:
     """The carry of a batch of prompts after their prefill: what `advance` continues (streaming, continuous
@@ -368,7 +380,7 @@ def prefill(spec: ModelSpec, method: MethodConfig, params: dict, tokens, lengths
                         _dtype(params))
 
 
-@jit_by_rows("carry", static_argnames=("spec", "method", "allow_specials", "stop_at_eos", "exit_on_finish"),
+@jit_by_rows(_pass_rows("carry"), static_argnames=("spec", "method", "allow_specials", "stop_at_eos", "exit_on_finish"),
              donate_argnums=(3,))
 def advance(spec: ModelSpec, method: MethodConfig, params: dict, carry: Carry, max_rounds,
             allow_specials: bool = False, stop_at_eos: bool = True, exit_on_finish: bool = False) -> Carry:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blt_jax.config import ConfigError
+from blt_jax.generation import constants
 from blt_jax.tokenizer import BOE_ID, BOS_ID, BPE_ID
 
 
@@ -35,9 +36,9 @@ def top_p_ok(p: float) -> bool:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
+    temperature: float = constants.TEMPERATURE  # 0: greedy
+    top_k: int = constants.TOP_K  # 0: off
+    top_p: float = constants.TOP_P  # 1: off
     allow_specials: bool = False  # False: never emit BOE/BOS/[MASK] (EOS stays allowed)
 
     def __post_init__(self):

@@ -19,15 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from blt_jax.config import ConfigError
+from blt_jax.generation import constants
 
 Rule = Literal["confidence", "entropy", "one_step"]
 
 
 @dataclass(frozen=True)
 class UnmaskConfig:
-    rule: Rule = "confidence"
-    alpha: float = 0.7
-    gamma: float = 1.0
+    rule: Rule = constants.UNMASK_RULE
+    alpha: float = constants.ALPHA
+    gamma: float = constants.GAMMA
 
     def __post_init__(self):
         if self.rule not in ("confidence", "entropy", "one_step"):

@@ -25,9 +25,9 @@ import numpy as np
 
 from blt_jax.config import ConfigError
 from blt_jax.generation import engine
+from blt_jax.generation.constants import MAX_WINDOW
 from blt_jax.generation.forward import forward
 from blt_jax.generation.loaded import LoadedModel, ModelSpec
-from blt_jax.generation.prompts import LENGTH_BUCKETS
 from blt_jax.generation.samplers import check_cached
 from blt_jax.tokenizer import BOE_ID, BOS_ID, OFFSET
 
@@ -36,8 +36,6 @@ DEFAULT_MAX_BYTES = 4096
 # the longest bucket run as one full forward: its global attention holds batch x heads x S^2 scores
 DENSE_MAX_BUCKET = 4096
 SCORE_CHUNK = 256  # bytes per engine step of a longer bucket: O(chunk x S) attention, not O(S^2)
-# the longest window scored (generation's position limit too): the engine's caches grow linearly with it
-MAX_WINDOW = LENGTH_BUCKETS[-1]
 
 
 def _as_bytes(text: bytes | str, i: int) -> bytes:
@@ -96,13 +94,12 @@ def _longest_text(model: LoadedModel) -> tuple[int, str]:
 
 
 def byte_logprobs(model: LoadedModel, texts: Sequence[bytes | str], batch_size: int = 8,
-                  max_bytes: int = DEFAULT_MAX_BYTES, oom_advice: str = "lower --batch-size") -> list[np.ndarray]:
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[np.ndarray]:
     """log2 p(byte_i | BOS, bytes_<i) for every byte of every text (float64 arrays, one per text).
 
     Texts are grouped by length bucket (a power of two >= 64 bytes) and run `batch_size` rows at a time
     (short batches padded), so compilations are bounded by the number of buckets, never per text. Buckets
-    past DENSE_MAX_BUCKET are scored in chunks through the engine's caches (see the module docstring).
-    Running out of memory is a one-line ValueError ending in `oom_advice`."""
+    past DENSE_MAX_BUCKET are scored in chunks through the engine's caches (see the module docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = [_as_bytes(t, i) for i, t in enumerate(texts)]
@@ -133,25 +130,18 @@ def byte_logprobs(model: LoadedModel, texts: Sequence[bytes | str], batch_size: 
                 inputs[r, 1:len(ids)] = ids[:-1]
                 targets[r, :len(ids)] = ids
                 lengths[r] = len(ids)
-            lp = _run_bucket(model, params, inputs, targets, lengths, oom_advice)
+            lp = _run_bucket(model, params, inputs, targets, lengths)
             for r, i in enumerate(rows):
                 out[i] = lp[r, :len(data[i])].astype(np.float64)
     return out  # type: ignore[return-value]
 
 
-def _run_bucket(model: LoadedModel, params: dict, inputs: np.ndarray, targets: np.ndarray, lengths: np.ndarray,
-                oom_advice: str) -> np.ndarray:
-    B, S = inputs.shape
-    try:
-        if S <= DENSE_MAX_BUCKET:
-            return np.asarray(_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets)))
-        return np.asarray(_chunked_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets),
-                                            jnp.asarray(lengths)))
-    except RuntimeError as e:  # jax's out-of-memory; the CLI's generic advice names options scoring lacks
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise ValueError(f"out of memory scoring {B} texts of up to {S} bytes at a time "
-                         f"({str(e).strip().splitlines()[0]}); {oom_advice}") from e
+def _run_bucket(model: LoadedModel, params: dict, inputs: np.ndarray, targets: np.ndarray,
+                lengths: np.ndarray) -> np.ndarray:
+    if inputs.shape[1] <= DENSE_MAX_BUCKET:
+        return np.asarray(_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets)))
+    return np.asarray(_chunked_logprobs(model.spec, params, jnp.asarray(inputs), jnp.asarray(targets),
+                                        jnp.asarray(lengths)))
 
 
 def continuation_logprob(model: LoadedModel, pairs: Sequence[tuple[bytes | str, bytes | str]],
@@ -215,8 +205,7 @@ def bits_per_byte(model: LoadedModel, paths_or_texts: Iterable, window: int = 10
     chunks = [w for _, d in docs for w in windows(d, window)]
     if not chunks:
         raise ValueError("bits_per_byte: every document is empty")
-    lps = byte_logprobs(model, chunks, batch_size=batch_size, max_bytes=window,
-                        oom_advice="lower --batch-size or --window")
+    lps = byte_logprobs(model, chunks, batch_size=batch_size, max_bytes=window)
     total = float(sum(lp.sum() for lp in lps))
     n = sum(len(c) for c in chunks)
     return {"bits_per_byte": -total / n if n else math.nan, "bytes": n, "windows": len(chunks),
