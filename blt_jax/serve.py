@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from blt_jax.config import ConfigError
-from blt_jax.generation import api, bulk
+from blt_jax.generation import api, bulk, constants
 from blt_jax.generation.loaded import LoadedModel
 from blt_jax.generation.samplers import CACHED_METHODS
 from blt_jax.generation.sampling import SamplingConfig
@@ -47,7 +47,7 @@ SETTINGS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "st
 @dataclass(frozen=True)
 class ServerConfig:
     method: str = "ar"  # the method of requests that name none
-    draft_len: int = 8
+    draft_len: int = constants.DRAFT_LEN
     block_size: Optional[int] = None
     unmask: UnmaskConfig = UnmaskConfig()
     batch_size: int = bulk.DEFAULT_BATCH_SIZE

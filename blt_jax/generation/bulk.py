@@ -46,11 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blt_jax.generation import programs, samplers
+from blt_jax.generation import constants, programs, samplers
 from blt_jax.generation.api import cost_record
 from blt_jax.generation.cost import ParamsForCost
 from blt_jax.generation.loaded import LoadedModel
-from blt_jax.generation.prompts import LENGTH_BUCKETS
 from blt_jax.generation.samplers import Carry, MethodConfig
 from blt_jax.generation.sampling import (TEMPERATURE_RULE, TOP_P_RULE, SamplingConfig, SamplingRows, row_keys,
                                         temperature_ok, top_p_ok)
@@ -58,7 +57,7 @@ from blt_jax.tokenizer import BOE_ID, EOS_ID, decode_bytes, encode
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_POSITIONS = 2048
-MAX_POSITIONS = LENGTH_BUCKETS[-1]  # api.generate's limit (its longest length bucket), for every way to generate
+MAX_POSITIONS = constants.LENGTH_BUCKETS[-1]  # api.generate's limit (its longest bucket), for every way to generate
 SMALLEST_PROMPT_BUCKET = 64
 END = object()  # what a request source returns when it has no more requests
 
@@ -321,7 +320,7 @@ class Defaults:
 
     max_new_bytes: int = 128
     sampling: SamplingConfig = SamplingConfig()
-    seed: int = 0
+    seed: int = constants.SEED
 
 
 class RecordError(ValueError):
