@@ -179,7 +179,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         "(d and dv need a model trained with --objective blt-d)")
     g.add_argument("--draft-len", type=positive_int,
                    help=f"BLT-S: bytes drafted per round (k; default {d['draft_len']})")
-    g.add_argument("--block-size", type=positive_int, help="BLT-D/DV: block size B (default: the model's)")
+    g.add_argument("--block-size", type=positive_int,
+                   help="BLT-D/DV: block size B, at most the model's trained one (default)")
     g.add_argument("--unmask", choices=_DeferredChoices(_unmask_rules), metavar="RULE",
                    help=f"BLT-D/DV unmasking rule: %(choices)s (default {d['unmask']})")
     g.add_argument("--alpha", type=finite_float,

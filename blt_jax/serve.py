@@ -395,6 +395,7 @@ def command(args, *, method: str, draft_len: int, block_size: Optional[int], sam
                            defaults=bulk.Defaults(args.max_new_bytes, sampling), stop_at_eos=stop_at_eos,
                            model_name=args.model_name or Path(args.checkpoint).resolve().name)
         mc = api.method_config(model, method, draft_len, block_size, unmask)  # a method the model cannot run: refused
+        api.check_block_size(model, block_size)  # whatever method the requests name
         need = 2 + args.max_new_bytes + mc.lookahead  # BOS + a one-byte prompt + the default budget + lookahead
         if need > args.max_positions:  # else every request without max_tokens would get a 400
             raise ValueError(f"--max-new-bytes {args.max_new_bytes} (the budget of requests without max_tokens) "

@@ -124,6 +124,18 @@ def test_blt_dv_equals_the_blt_d_models_own_ar(rule):
     assert_same(ids_of(res), want, f"BLT-DV {rule.rule}")
 
 
+def test_a_block_larger_than_the_model_was_trained_with_is_refused():
+    """A probe: `blt generate --method d --block-size 16` on a BLT-D-8 model ran and printed noise (cells past
+    the trained block were never trained to predict a byte). Refused in one line; a smaller block runs."""
+    m = random_model(block_size=4, seed=5)
+    for method in ("d", "dv"):
+        with pytest.raises(ConfigError, match=r"^block_size: 8 is larger than the blocks of 4 this model"):
+            api.method_config(m, method, block_size=8)
+    res = api.generate(m, prompts(1, seed=5), max_new_bytes=8, method="d", block_size=2,
+                       unmask=UnmaskConfig("one_step"), stop_at_eos=False)
+    assert res[0].cost["new_bytes"] == 8 and res[0].cost["rounds"] == 8 // 2
+
+
 def test_blt_d_runs_blocks_and_counts_calls():
     m = random_model(block_size=4, seed=5)
     res = api.generate(m, prompts(4, seed=5), max_new_bytes=16, method="d", unmask=UnmaskConfig("one_step"),

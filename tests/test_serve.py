@@ -147,6 +147,15 @@ def test_serve_refuses_a_default_budget_no_request_could_use(tmp_path, capsys):
     assert "--max-new-bytes 1000" in err and "needs 1003 positions" in err and "--max-positions 64" in err
 
 
+def test_serve_refuses_a_block_larger_than_the_model_was_trained_with(tmp_path, capsys, monkeypatch):
+    """A probe: `blt serve --block-size 16` of a BLT-D-8 run started, and every `d` request would have drafted
+    cells the model was never trained to predict (the default method `ar` does not read the option)."""
+    monkeypatch.setattr(serve, "serve", lambda *a, **k: pytest.fail("the server started"))
+    run = save_run(random_model(block_size=4), tmp_path / "run")
+    assert main(["serve", "--checkpoint", run, "--port", "0", "--no-warmup", "--block-size", "8"]) == 2
+    assert "block_size: 8 is larger than the blocks of 4 this model was trained with" in capsys.readouterr().err
+
+
 def test_serve_on_port_0_reports_the_port_it_serves(tmp_path):
     """A probe: `--port 0` printed http://127.0.0.1:0/..., and the port the OS chose was never shown."""
     run = save_run(random_model(), tmp_path / "run")

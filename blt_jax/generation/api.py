@@ -53,6 +53,16 @@ def load(run_dir: str, step: Optional[int] = None, dtype: Optional[str] = None) 
     return model if dtype is None else model.astype(dtype)
 
 
+def check_block_size(model: LoadedModel, block_size: Optional[int]) -> None:
+    """Refuse a BLT-D block larger than the model's trained one: a cell past it never had a loss, so BLT-D
+    would commit noise (a smaller block is a prefix of a trained one)."""
+    trained = model.cfg.diffusion.block_size
+    if trained and block_size is not None and block_size > trained:
+        raise ConfigError(f"block_size: {block_size} is larger than the blocks of {trained} this model was trained "
+                          f"with (BLT-D-{trained}); cells past them were never trained to predict a byte: use "
+                          f"{trained} or less")
+
+
 def method_config(model: LoadedModel, method: str, draft_len: int = constants.DRAFT_LEN,
                   block_size: Optional[int] = None, unmask: UnmaskConfig = UnmaskConfig(),
                   max_new_bytes: Optional[int] = None) -> MethodConfig:
@@ -66,6 +76,8 @@ def method_config(model: LoadedModel, method: str, draft_len: int = constants.DR
         raise ConfigError(f"method: {method!r} (BLT-D{'V' if method == 'dv' else ''}) needs a model trained with the "
                           "diffusion objective (model.diffusion.block_size > 0); this one is plain BLT "
                           "(try 's' or 'ar')")
+    if method in ("d", "dv"):
+        check_block_size(model, block_size)
     if max_new_bytes is not None:
         draft_len = min(draft_len, max(max_new_bytes, 1))
     return MethodConfig(method=method, draft_len=draft_len,
