@@ -147,6 +147,21 @@ def test_convert_overwrite_replaces_a_model_folder_only(tiny_runs, tmp_path, cap
     assert main(["convert", "--to-hf", run, str(hf), "--overwrite"]) == 0  # an earlier convert's output
 
 
+def test_a_run_of_the_entropy_model_is_refused_by_what_it_is_not_by_generation(tiny_runs, tmp_path, capsys):
+    """A probe: `blt convert --to-hf <entropy run>` said "generation needs a BLT run" although nothing was
+    generating. Every command that loads a model names what the run is and which run it takes, in one line."""
+    entropy_run = str(tiny_runs[2])
+    for args in (["convert", "--to-hf", entropy_run, str(tmp_path / "hf")],
+                 ["convert", "--params-only", entropy_run, str(tmp_path / "params")],
+                 ["generate", "--checkpoint", entropy_run, "def", "--max-new-bytes", "4"]):
+        capsys.readouterr()
+        assert main(args) == exit_codes.ERROR, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "generation" not in err, err
+        assert "'entropy' run" in err and "--what blt" in err, err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "params").exists()
+
+
 def test_ctrl_c_where_nothing_resumes_is_one_line_and_status_130(monkeypatch, capsys):
     """A probe: Ctrl-C in `blt eval`, a single `blt generate` or `blt convert` printed a KeyboardInterrupt
     traceback of 40-50 lines (and often a segfault). Commands with work to resume catch it themselves (75)."""

@@ -65,7 +65,8 @@ def load_run(run_dir: str | Path, step: Optional[int] = None) -> LoadedModel:
 
     kind, cfg, _ = ckpt.load_run_config(run_dir)
     if kind != "blt":
-        raise ConfigError(f"{run_dir}: holds a {kind!r} run; generation needs a BLT run")
+        # load_run serves generate, eval, convert and serve: name what the run is, not one command's need
+        raise ConfigError(f"{run_dir}: holds an {kind!r} run, not a BLT run (the one `blt train --what blt` makes)")
     params = ckpt.load_trained_params(run_dir, expect_kind="blt", step=step)
     entropy_params = None
     if cfg.model.patching.mode == "entropy":
