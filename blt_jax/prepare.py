@@ -254,6 +254,7 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
     tokenised its share (a truncated input file leaves it as it was). Runs as one process or as all processes
     of a `jax.distributed` job (every process calls it with the same arguments)."""
     procs = Processes.current()
+    made_folder = store.new_local_folder(root)  # a failed first prepare removes the folder it made
     existing = store.manifest_or_none(root)
     if existing is not None and not overwrite:
         if plan.matches(existing):
@@ -301,6 +302,8 @@ def write_corpus(root: str, plan: CorpusPlan, *, strict: bool = False, overwrite
     except BaseException:  # a bad input, Ctrl-C: the old store is untouched, so leave nothing of the new one
         if staged:
             _drop_staging(root, procs)
+        else:
+            _drop_first_store(root, made_folder)
         raise
     if staged:
         procs.barrier("blt_jax: prepare: corpus staged")  # the old store goes only once every share is read
@@ -328,6 +331,18 @@ def _drop_staging(root: str, procs: Processes) -> None:
     try:
         for prefix in prefixes:
             store.delete_prefix(root, prefix)
+    except Exception:  # the error that brought us here is the one to report, not this one
+        pass
+
+
+def _drop_first_store(root: str, made_folder: Optional[str]) -> None:
+    """Remove what a failed prepare wrote where no store was (one process): its arrays, and the folder when
+    this prepare made it, so nothing that looks like a store is left."""
+    try:
+        for split in store.SPLITS:
+            store.delete_prefix(root, f"{split}/")
+        if made_folder is not None:
+            store.remove_folder_if_empty(made_folder)
     except Exception:  # the error that brought us here is the one to report, not this one
         pass
 

@@ -171,6 +171,30 @@ def test_a_failed_overwrite_leaves_no_staging_behind(tmp_path, capsys, monkeypat
     _assert_unchanged(root, before)
 
 
+def test_a_failed_first_prepare_leaves_nothing_of_its_store(tmp_path, capsys, monkeypatch):
+    """A probe: a first `blt prepare` that failed on a bad record (--strict) left the store's folder with
+    empty token arrays and no manifest, which looks like a store to a user listing it. Now a failure takes
+    back what it wrote: a folder it made goes, a folder the user made is left as it was (empty)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\nnot json\n')
+    fresh, made = tmp_path / "fresh", tmp_path / "made"
+    made.mkdir()
+    for root in (fresh, made):
+        capsys.readouterr()
+        assert main(["prepare", "--data", str(bad), "--store", str(root), "--strict", "--no-progress"]) == 2
+        assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
+    assert not fresh.exists()
+    assert made.is_dir() and not list(made.iterdir())
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the corpus is read: after its token arrays exist
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_tokenize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_corpus(str(fresh), [str(bad)], shard_tokens=SHARD)
+    assert not fresh.exists()
+
+
 def test_a_failed_overwrite_by_two_processes_leaves_the_old_store_as_it_was(tmp_path):
     """The same with two processes: the second one's share holds the truncated file, and the first, which
     removes the old store, never does; with the file mended they write what one process writes. The failing

@@ -90,6 +90,18 @@ def delete_prefix(root: str | os.PathLike, prefix: str) -> None:
             os.rmdir(os.path.join(spec["path"], prefix))
 
 
+def new_local_folder(root: str | os.PathLike) -> str | None:
+    """The folder of a local store that does not exist yet (the caller is about to make it), else None."""
+    spec = kvstore_spec(root)
+    path = spec["path"].rstrip("/")
+    return path if spec.get("driver") == "file" and not os.path.lexists(path) else None
+
+
+def remove_folder_if_empty(folder: str) -> None:
+    with contextlib.suppress(OSError):  # gone already, or holds something: leave it
+        os.rmdir(folder)
+
+
 def write_json(root: str | os.PathLike, key: str, value) -> None:
     _kvstore(root).write(key, json.dumps(value, indent=2, sort_keys=True).encode()).result()
 
