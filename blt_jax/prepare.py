@@ -339,8 +339,7 @@ def _drop_first_store(root: str, made_folder: Optional[str]) -> None:
     """Remove what a failed prepare wrote where no store was (one process): its arrays, and the folder when
     this prepare made it, so nothing that looks like a store is left."""
     try:
-        for split in store.SPLITS:
-            store.delete_prefix(root, f"{split}/")
+        store.clear(root)
         if made_folder is not None:
             store.remove_folder_if_empty(made_folder)
     except Exception:  # the error that brought us here is the one to report, not this one

@@ -86,8 +86,7 @@ def delete_prefix(root: str | os.PathLike, prefix: str) -> None:
     _kvstore(root).delete_range(_prefix_range(prefix)).result()
     spec = kvstore_spec(root)
     if prefix.endswith("/") and spec.get("driver") == "file":
-        with contextlib.suppress(OSError):  # gone already, or not empty (another writer's keys): leave it
-            os.rmdir(os.path.join(spec["path"], prefix))
+        remove_folder_if_empty(os.path.join(spec["path"], prefix))
 
 
 def new_local_folder(root: str | os.PathLike) -> str | None:
@@ -98,7 +97,7 @@ def new_local_folder(root: str | os.PathLike) -> str | None:
 
 
 def remove_folder_if_empty(folder: str) -> None:
-    with contextlib.suppress(OSError):  # gone already, or holds something: leave it
+    with contextlib.suppress(OSError):  # gone already, or holds something (another writer's keys): leave it
         os.rmdir(folder)
 
 
@@ -191,10 +190,9 @@ def clear(root: str | os.PathLike, keep_staging: bool = False) -> None:
     its arrays and, unless `keep_staging` (the tokens of the prepare replacing them), any staging left by an
     interrupted prepare. A folder holding anything else is refused first (`refuse_foreign_files`), untouched."""
     refuse_foreign_files(root)
-    kv = _kvstore(root)
-    kv.delete_range(ts.KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()  # that key alone, not its namesakes
+    _kvstore(root).delete_range(ts.KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()  # that key, not namesakes
     for prefix in SPLITS if keep_staging else (*SPLITS, STAGING):
-        kv.delete_range(_prefix_range(prefix + "/")).result()
+        delete_prefix(root, prefix + "/")  # local folders too: a cleared store leaves no empty split folders
 
 
 # ---- arrays -----------------------------------------------------------------------------------------------
